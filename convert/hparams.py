@@ -1,0 +1,169 @@
+"""Read HF-style config files into TextSpec / VisionSpec, filling the defaults HF would fill.
+
+Real configs omit every value equal to its class default (llava-hf's `text_config` is a handful of
+keys), so the defaults of `LlamaConfig` and `CLIPVisionConfig` are spelled out here instead of
+importing transformers, whose config classes rename keys between major versions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from factedge.convert.specs import TextSpec, VisionSpec
+from factedge.edge.errors import ConfigError, CorruptFileError, InputError
+
+# transformers LlamaConfig defaults
+LLAMA_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+}  # fmt: skip
+# transformers CLIPVisionConfig defaults
+CLIP_VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+}  # fmt: skip
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
+    """A JSON object from `path` ({} when absent and not required); typed errors name the file."""
+    if not path.is_file():
+        if required:
+            raise InputError("file missing", path)
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"not valid JSON: {exc}", path) from exc
+    if not isinstance(data, dict):
+        raise CorruptFileError("expected a JSON object", path)
+    return data
+
+
+def _get(cfg: dict[str, Any], defaults: dict[str, Any], key: str) -> Any:
+    value = cfg.get(key)
+    return defaults[key] if value is None else value
+
+
+def _rope_theta(cfg: dict[str, Any], source: Path) -> float:
+    """rope_theta, also from transformers-5 `rope_parameters`; scaled RoPE is not something LLaVA uses."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ConfigError(f"RoPE scaling {kind!r} is not supported", source)
+    return float(params.get("rope_theta") or _get(cfg, LLAMA_DEFAULTS, "rope_theta"))
+
+
+def _first_id(value: Any, default: int) -> int:
+    if isinstance(value, list):  # some configs list several eos ids
+        return int(value[0]) if value else default
+    return default if value is None else int(value)
+
+
+def text_spec(cfg: dict[str, Any], source: Path, *, vocab_rows: int, special: dict[str, int]) -> TextSpec:
+    """TextSpec from a Llama config dict; `vocab_rows` is the embedding's row count (the truth)."""
+    g = lambda key: _get(cfg, LLAMA_DEFAULTS, key)  # noqa: E731
+    heads = int(g("num_attention_heads"))
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    hidden = int(g("hidden_size"))
+    if hidden % heads or heads % kv_heads:
+        raise ConfigError(f"hidden_size {hidden} / heads {heads} / kv heads {kv_heads} do not divide", source)
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and int(head_dim) != hidden // heads:
+        raise ConfigError(f"head_dim {head_dim} != hidden_size / num_attention_heads is not supported", source)
+    unk = special.get("unk", 0)
+    return TextSpec(
+        vocab_size=vocab_rows,
+        hidden_size=hidden,
+        intermediate_size=int(g("intermediate_size")),
+        num_layers=int(g("num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        rms_norm_eps=float(g("rms_norm_eps")),
+        rope_theta=_rope_theta(cfg, source),
+        max_position_embeddings=int(g("max_position_embeddings")),
+        tie_word_embeddings=bool(g("tie_word_embeddings")),
+        bos_token_id=special.get("bos", _first_id(cfg.get("bos_token_id"), 1)),
+        eos_token_id=special.get("eos", _first_id(cfg.get("eos_token_id"), 2)),
+        unk_token_id=unk,
+        pad_token_id=special.get("pad", unk),
+    )
+
+
+def clip_vision_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The vision part of a CLIPConfig (or the CLIPVisionConfig itself)."""
+    for key in ("vision_config", "vision_config_dict"):
+        if isinstance(cfg.get(key), dict):
+            return cfg[key]
+    return cfg
+
+
+def _triple(value: Any, default: tuple[float, float, float]) -> tuple[float, float, float]:
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        return tuple(float(x) for x in value)  # type: ignore[return-value]
+    return default
+
+
+def vision_spec(
+    vcfg: dict[str, Any], preprocessor: dict[str, Any], source: Path, *, feature_layer: Any, select_feature: str
+) -> VisionSpec:
+    """VisionSpec from a CLIPVisionConfig dict plus preprocessor_config.json (mean/std)."""
+    g = lambda key: _get(vcfg, CLIP_VISION_DEFAULTS, key)  # noqa: E731
+    if isinstance(feature_layer, list):
+        if len(feature_layer) != 1:
+            raise ConfigError(f"multi-layer vision features {feature_layer} are not supported", source)
+        feature_layer = feature_layer[0]
+    select = {"default": "patch", "full": "cls_patch"}.get(select_feature, select_feature)
+    if select not in ("patch", "cls_patch"):
+        raise ConfigError(f"vision feature selection {select_feature!r} is not supported", source)
+    image_size, patch_size = int(g("image_size")), int(g("patch_size"))
+    if image_size % patch_size:
+        raise ConfigError(f"image_size {image_size} is not a multiple of patch_size {patch_size}", source)
+    return VisionSpec(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=int(g("hidden_size")),
+        intermediate_size=int(g("intermediate_size")),
+        num_layers=int(g("num_hidden_layers")),
+        num_heads=int(g("num_attention_heads")),
+        layer_norm_eps=float(g("layer_norm_eps")),
+        hidden_act=str(g("hidden_act")),
+        image_mean=_triple(preprocessor.get("image_mean"), CLIP_MEAN),
+        image_std=_triple(preprocessor.get("image_std"), CLIP_STD),
+        feature_layer=int(feature_layer),
+        select_feature=select,
+    )
+
+
+def _content(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def added_tokens(tokenizer_dir: Path) -> dict[str, int]:
+    """Tokens added on top of the SPM model: added_tokens.json plus tokenizer_config's decoder."""
+    found = {str(k): int(v) for k, v in read_json(tokenizer_dir / "added_tokens.json", required=False).items()}
+    decoder = read_json(tokenizer_dir / "tokenizer_config.json", required=False).get("added_tokens_decoder") or {}
+    for token_id, data in decoder.items():
+        if _content(data):
+            found[_content(data)] = int(token_id)  # type: ignore[index]
+    return found
+
+
+def special_ids(tokenizer_dir: Path) -> dict[str, int]:
+    """bos/eos/unk/pad ids named by tokenizer_config.json / special_tokens_map.json, when resolvable."""
+    tok_cfg = read_json(tokenizer_dir / "tokenizer_config.json", required=False)
+    tok_map = read_json(tokenizer_dir / "special_tokens_map.json", required=False)
+    known = {"<unk>": 0, "<s>": 1, "</s>": 2} | added_tokens(tokenizer_dir)  # LLaMA SPM's fixed ids
+    ids: dict[str, int] = {}
+    for role in ("bos", "eos", "unk", "pad"):
+        content = _content(tok_map.get(f"{role}_token")) or _content(tok_cfg.get(f"{role}_token"))
+        if content is not None and content in known:
+            ids[role] = known[content]
+    return ids

@@ -1,0 +1,100 @@
+"""Quantization through llama.cpp itself: `llama-quantize` for the LM, ggml's kernels for the mmproj.
+
+We never re-implement a quant format: the language model goes through the `llama-quantize` built
+with our patches, and the mmproj (a `clip` GGUF that llama-quantize does not take) through
+`ggml_quantize_chunk` of the same libggml, called row-block by row-block.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from factedge.edge.errors import ConfigError, NativeError, OutputError
+from factedge.edge.native import lib_dir, tool
+
+# LM quant types offered (llama-quantize names); the first ones are the ones tests cover
+LM_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q5_K_S", "Q4_K_S", "Q5_0", "Q5_1", "Q4_1",
+             "Q3_K_M", "Q3_K_S", "Q3_K_L", "Q2_K", "F16", "BF16", "F32")
+# mmproj types: float types are written directly, q8_0 through ggml
+MMPROJ_TYPES = ("f32", "f16", "q8_0")
+
+
+def check_lm_quants(names: list[str]) -> list[str]:
+    """Normalise and validate quant names before any work is done."""
+    out = []
+    for name in names:
+        norm = name.strip().upper()
+        if norm not in LM_QUANTS:
+            raise ConfigError(f"unknown quant type {name!r}; known: {', '.join(LM_QUANTS)}")
+        out.append(norm)
+    return out
+
+
+def check_mmproj_type(name: str) -> str:
+    norm = name.strip().lower()
+    if norm not in MMPROJ_TYPES:
+        raise ConfigError(f"unknown mmproj type {name!r}; known: {', '.join(MMPROJ_TYPES)}")
+    return norm
+
+
+def quantize_language_model(src: Path, dst: Path, quant: str, *, threads: int | None = None) -> Path:
+    """Run llama-quantize SRC -> DST; DST appears only when it succeeded."""
+    quant = check_lm_quants([quant])[0]
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    cmd = [str(tool("llama-quantize")), str(src), str(tmp), quant, str(threads or os.cpu_count() or 1)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+            raise NativeError(f"llama-quantize {quant} failed ({tail})", src)
+        os.replace(tmp, dst)
+    except OSError as exc:
+        raise OutputError(f"cannot write {quant} model: {exc.strerror or exc}", dst) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+@lru_cache(maxsize=1)
+def _ggml() -> ctypes.CDLL:
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        path = lib_dir() / name
+        if path.is_file():
+            lib = ctypes.CDLL(str(path))
+            lib.ggml_row_size.restype = ctypes.c_size_t
+            lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+            lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+            lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            return lib
+    raise NativeError("libggml-base not found in the factedge build", lib_dir())
+
+
+def ggml_quantize(weights: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Quantize a 2-D float32 matrix (rows x n_per_row) with ggml: uint8 [rows, row_bytes]."""
+    src = np.ascontiguousarray(weights, dtype=np.float32)
+    if src.ndim != 2:
+        raise ValueError(f"ggml_quantize takes 2-D matrices, got shape {src.shape}")
+    rows, n_per_row = src.shape
+    lib = _ggml()
+    row_bytes = lib.ggml_row_size(int(qtype), n_per_row)
+    dst = np.empty((rows, row_bytes), dtype=np.uint8)
+    written = lib.ggml_quantize_chunk(int(qtype), src.ctypes.data, dst.ctypes.data, 0, rows, n_per_row, None)
+    if written != dst.nbytes:
+        raise NativeError(f"ggml_quantize_chunk wrote {written} bytes, expected {dst.nbytes}")
+    return dst
+
+
+def can_quantize(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> bool:
+    """A matrix quantizes when it is 2-D and its rows are whole blocks of the type."""
+    from gguf import GGML_QUANT_SIZES
+
+    block, _ = GGML_QUANT_SIZES[qtype]
+    return len(shape) == 2 and shape[-1] % block == 0

@@ -1,0 +1,80 @@
+"""`factedge ask` and `factedge inspect`: click over the edge library (no torch)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from factedge.edge.inspect import check_bundle, describe_gguf
+from factedge.edge.manifest import MANIFEST
+
+
+@click.command()
+@click.argument("question")
+@click.option("--model", "model", required=True, type=click.Path(path_type=Path),
+              help="a bundle folder from `factedge convert`, or a model GGUF (then give --mmproj)")
+@click.option("--image", type=click.Path(path_type=Path), help="image file to ask about")
+@click.option("--mmproj", type=click.Path(path_type=Path), help="mmproj GGUF (when --model is a file)")
+@click.option("--adapter", type=click.Path(path_type=Path), help="LoRA adapter GGUF (when --model is a file)")
+@click.option("--quant", help="which model file of the bundle (e.g. Q4_K_M, Q8_0, F16)")
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=0, help="CPU threads (0: llama.cpp's default)")
+@click.option("--n-gpu-layers", type=int, default=0, help="layers to offload (-1: all)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON object (answer, tokens, stats)")
+@click.option("--stats", is_flag=True, help="print load, image-encode and tokens/s figures")
+def ask(question, model, image, mmproj, adapter, quant, temperature, top_p, top_k, max_tokens, seed, threads,
+        n_gpu_layers, as_json, stats):
+    """Answer QUESTION about --image with a converted model."""
+    from factedge.edge.sampling import SamplingOptions
+    from factedge.edge.session import ChatOptions, VisionChat
+
+    sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
+    options = ChatOptions(threads=threads, n_gpu_layers=n_gpu_layers, sampling=sampling)
+    bundle = model if model.is_dir() else None
+    with VisionChat.open(bundle, model=None if bundle else model, mmproj=mmproj, adapter=adapter, quant=quant,
+                         options=options) as chat:
+        answer = chat.ask(question, image)
+    figures = {**asdict(answer.stats), "prompt_tps": answer.stats.prompt_tps, "generate_tps": answer.stats.generate_tps}
+    if as_json:
+        click.echo(json.dumps({"answer": answer.text, "tokens": answer.tokens, "finish_reason": answer.finish_reason,
+                               "stats": figures}))
+        return
+    click.echo(answer.text)
+    if stats:
+        s = answer.stats
+        click.echo(f"load {s.load_s:.2f} s | image encode {s.image_encode_s:.2f} s | prompt {s.prompt_tokens} tok "
+                   f"{s.prompt_tps:.1f} tok/s | generation {s.generated_tokens} tok {s.generate_tps:.1f} tok/s", err=True)
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--no-hash", is_flag=True, help="skip the sha256 check of bundle files")
+def inspect(path, no_hash):
+    """Show what a GGUF file or a bundle holds (metadata, tensors, fingerprint, pairing)."""
+    if path.is_dir() and (path / MANIFEST).is_file():
+        check = check_bundle(path, hashes=not no_hash)
+        m = check.manifest
+        click.echo(f"bundle {path}: {m.source.get('layout')} checkpoint, LoRA {m.lora or 'none'}, "
+                   f"fingerprint {m.fingerprint.id} (n_embd {m.fingerprint.n_embd}, image {m.fingerprint.image_size} px, "
+                   f"{m.fingerprint.tokens_per_image} tokens/image)")
+        for entry, summary in zip(m.files, check.files):
+            tensors = f"{summary.tensors:4d} tensors" if summary is not None else "unreadable"
+            click.echo(f"  {entry.name:<24} {entry.role:<8} {entry.dtype:<7} {entry.size / 2**20:8.1f} MiB {tensors}")
+        click.echo("pairing: ok" if check.ok else "pairing: PROBLEMS")
+        for problem in check.problems:
+            click.echo(f"  - {problem}")
+        if not check.ok:
+            raise click.exceptions.Exit(1)
+        return
+    summary = describe_gguf(path)
+    click.echo(f"{path}: {summary.tensors} tensors, {summary.n_metadata} metadata keys"
+               + (f", vocab {summary.vocab_size}" if summary.vocab_size else ""))
+    for key, value in summary.metadata.items():
+        click.echo(f"  {key} = {value}")

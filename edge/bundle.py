@@ -1,0 +1,73 @@
+"""Open a bundle (or loose files) and refuse pieces that were not made for each other.
+
+A bundle made by `factedge convert` lists its files in `manifest.json`; the model file is picked by
+quant (the smallest quantized one by default), the mmproj by precision. Every GGUF carries the
+bundle's fingerprint, so an mmproj or adapter from another conversion is refused before llama.cpp
+ever sees it, even when the widths happen to match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from factedge.edge.errors import InputError, MismatchError
+from factedge.edge.inspect import describe_gguf
+from factedge.edge.manifest import MANIFEST, Manifest, check_pairing, read_manifest
+
+# default preference when no quant is named: small and faithful first
+QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q6_K", "Q4_0", "F16", "BF16", "F32")
+MMPROJ_PREFERENCE = ("f16", "f32", "q8_0")
+
+
+@dataclass
+class BundleFiles:
+    model: Path
+    mmproj: Path | None
+    adapter: Path | None = None
+    manifest: Manifest | None = None
+    quant: str | None = None
+
+
+def _pick(manifest: Manifest, role: str, wanted: str | None, preference: tuple[str, ...]):
+    files = manifest.by_role(role)
+    if not files:
+        return None
+    if wanted is not None:
+        return manifest.file(role, wanted)
+    rank = {name.lower(): i for i, name in enumerate(preference)}
+    return min(files, key=lambda f: rank.get(f.dtype.lower(), len(rank)))
+
+
+def open_bundle(path: Path, *, quant: str | None = None, mmproj_type: str | None = None) -> BundleFiles:
+    """The files of a bundle folder, checked to belong together."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise InputError("not a factedge bundle (no manifest.json); pass model= and mmproj= instead", path)
+    manifest = read_manifest(path)
+    model = _pick(manifest, "model", quant, QUANT_PREFERENCE)
+    if model is None:
+        raise InputError("bundle lists no model file", path / MANIFEST)
+    mmproj = _pick(manifest, "mmproj", mmproj_type, MMPROJ_PREFERENCE)
+    adapter = _pick(manifest, "adapter", None, ("f32", "f16"))
+    files = BundleFiles(path / model.name, path / mmproj.name if mmproj else None,
+                        path / adapter.name if adapter else None, manifest, model.dtype)
+    check_files(files)
+    return files
+
+
+def check_files(files: BundleFiles) -> None:
+    """Every file present, the model the manifest's (if any), and mmproj/adapter fingerprints equal
+    to the model's."""
+    for p in (files.model, files.mmproj, files.adapter):
+        if p is not None and not p.is_file():
+            raise InputError("file missing", p)
+    model_fp = describe_gguf(files.model).fingerprint
+    if files.manifest is not None and model_fp != files.manifest.fingerprint.id:
+        raise MismatchError(f"model file does not belong to this bundle (fingerprint {model_fp}, manifest has "
+                            f"{files.manifest.fingerprint.id})", files.model)
+    if model_fp is None:  # a foreign GGUF: nothing to check against
+        return
+    for p, what in ((files.mmproj, "mmproj"), (files.adapter, "adapter")):
+        if p is not None:
+            check_pairing(model_fp, describe_gguf(p).fingerprint, p, what)

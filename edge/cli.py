@@ -1,0 +1,74 @@
+"""The `factedge` command: a thin click layer. Subcommands of other wings load lazily.
+
+`factedge ask` works on a base install (no torch); `convert`, `verify`, `inspect` and `demo` are
+imported only when named, so `factedge --help` stays fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from factedge.edge.errors import FactedgeError
+
+# command name -> "module:attribute"
+LAZY_COMMANDS = {
+    "ask": "factedge.edge.ask_cli:ask",
+    "convert": "factedge.convert.cli:convert",
+    "inspect": "factedge.edge.ask_cli:inspect",
+    "verify": "factedge.convert.cli:verify",
+    "demo": "factedge.train.demo_cli:demo",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(LAZY_COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = LAZY_COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            raise click.ClickException(
+                f"`factedge {name}` needs an extra that is not installed ({exc.name}); "
+                "install with `pip install factedge[convert]`"
+            ) from exc
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="factedge")
+def cli() -> None:
+    """factedge: LLaVA / LLaVA-RLHF to GGUF, verified, and chat on a laptop."""
+
+
+def run(args: list[str] | None = None) -> int:
+    """Run the group on `args` (default: sys.argv[1:]); print typed errors as one line; return the exit code."""
+    try:
+        # standalone_mode=False hands typed errors to us, but also *returns* the code of a
+        # `click.exceptions.Exit` (e.g. inspect's "pairing: PROBLEMS") instead of exiting with it
+        code = cli.main(args=args, prog_name="factedge", standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except FactedgeError as exc:
+        click.echo(f"factedge: error: {exc.one_line()}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+
+
+def main() -> None:
+    """Console entry point."""
+    code = run()
+    if code:
+        sys.exit(code)

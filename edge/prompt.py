@@ -1,0 +1,80 @@
+"""The conversation template LLaVA (and LLaVA-RLHF) was trained with, in one place.
+
+Vicuna v1 as LLaVA's `conv_vicuna_v1`: the system prompt, a space, then `USER: <msg> ASSISTANT: <reply></s>`
+per turn; the first user turn carries the image as `<image>\\n<question>` (mm_use_im_start_end off).
+Token ids follow LLaVA's `tokenizer_image_token`: the text is split at each image, every piece is
+tokenised on its own (so SentencePiece adds its dummy prefix to each), only the first keeps BOS.
+The same text template is written into the GGUF as a jinja chat template (`VICUNA_JINJA`), so
+`llama-mtmd-cli` formats a prompt exactly as this module does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+IMAGE = "<image>"
+USER, ASSISTANT, SEP, EOS = "USER", "ASSISTANT", " ", "</s>"
+
+VICUNA_JINJA = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set loop_messages = messages[1:] %}{% else %}"
+    "{% set system = '" + SYSTEM.replace("'", "\\'") + "' %}{% set loop_messages = messages %}{% endif %}"
+    "{{ system }} "
+    "{% for m in loop_messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+    "{% else %}ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclass
+class Turn:
+    user: str
+    assistant: str | None = None
+    n_images: int = 0
+
+
+@dataclass
+class Conversation:
+    """A Vicuna v1 conversation; images are placed before the text of the turn that has them."""
+
+    system: str = SYSTEM
+    turns: list[Turn] = field(default_factory=list)
+
+    def text(self) -> str:
+        out = self.system + SEP
+        for turn in self.turns:
+            user = (IMAGE + "\n") * turn.n_images + turn.user
+            out += f"{USER}: {user}{SEP}"
+            out += f"{ASSISTANT}: {turn.assistant}{EOS}" if turn.assistant is not None else f"{ASSISTANT}:"
+        return out
+
+
+def single_turn(question: str, n_images: int = 1) -> str:
+    """The prompt of a one-question chat, ready for generation."""
+    return Conversation(turns=[Turn(question, n_images=n_images)]).text()
+
+
+def split_at_images(text: str, tokenize: Callable[[str, bool], list[int]]) -> list[list[int] | None]:
+    """LLaVA's `tokenizer_image_token`: token-id pieces, with None where an image goes.
+
+    `tokenize(piece, add_bos)` is the model's tokenizer (llama.cpp's or HF's): each piece is tokenised
+    separately and only the first one gets BOS, exactly as LLaVA builds its training inputs.
+    """
+    pieces = text.split(IMAGE)
+    out: list[list[int] | None] = []
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            out.append(None)
+        ids = tokenize(piece, i == 0)
+        if ids:
+            out.append(ids)
+    return out
+
+
+def count_images(segments: Sequence[list[int] | None]) -> int:
+    return sum(1 for s in segments if s is None)

@@ -1,0 +1,321 @@
+"""Owned handles over the patched llama.cpp: model, context, LoRA adapter, image encoder.
+
+Each class checks every native pointer it gets, raises a typed error naming the file, and frees what
+it owns (explicitly through `close()` or a `with` block; `__del__` as a last resort). Everything above
+this module (sessions, verify, the CLI) speaks numpy arrays and token ids, never ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+
+from factedge.edge.errors import ConfigError, InputError, NativeError
+from factedge.edge.native import load_llama_cpp
+
+_llama = load_llama_cpp()
+import llama_cpp.mtmd_cpp as _mtmd  # noqa: E402  (bound to our libraries by load_llama_cpp)
+
+# native log lines are kept (not printed): the last ones go into error messages
+_LOG_TAIL: deque[str] = deque(maxlen=40)
+
+
+@_llama.llama_log_callback
+def _log_to_tail(level, text, user_data):  # pragma: no cover - called from C
+    _LOG_TAIL.append(text.decode("utf-8", "replace"))
+
+
+_llama.llama_log_set(_log_to_tail, ctypes.c_void_p(0))
+_mtmd.mtmd_log_set(_log_to_tail, ctypes.c_void_p(0))
+_mtmd.mtmd_helper_log_set(_log_to_tail, ctypes.c_void_p(0))
+_llama.llama_backend_init()
+
+
+def native_log_tail(n: int = 8) -> str:
+    """The last native log lines, joined on one line (for error messages)."""
+    return " | ".join(line.strip() for line in list(_LOG_TAIL)[-n:] if line.strip())
+
+
+def _require_file(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found", path)
+    return path
+
+
+class _Owned:
+    """Base for objects that own one native pointer and free it exactly once."""
+
+    _ptr = None
+
+    def _free(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._ptr:
+            self._free()
+            self._ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (AttributeError, TypeError):  # interpreter shutdown: the bindings may be gone
+            pass
+
+
+class Model(_Owned):
+    """A llama.cpp language model (GGUF), memory-mapped."""
+
+    def __init__(self, path: Path, *, n_gpu_layers: int = 0, vocab_only: bool = False):
+        self.path = _require_file(path, "model GGUF")
+        params = _llama.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
+        ptr = _llama.llama_model_load_from_file(str(self.path).encode(), params)
+        if not ptr:
+            raise InputError(f"llama.cpp cannot load this model ({native_log_tail()})", self.path)
+        self._ptr = ptr
+        self.vocab = _llama.llama_model_get_vocab(ptr)
+        self.n_embd = _llama.llama_model_n_embd(ptr)
+        self.n_vocab = _llama.llama_vocab_n_tokens(self.vocab)
+
+    def _free(self) -> None:
+        _llama.llama_model_free(self._ptr)
+
+    @property
+    def ptr(self):
+        return self._ptr
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (_llama.llama_token * cap)()
+        n = _llama.llama_tokenize(self.vocab, data, len(data), buf, cap, add_bos, special)
+        if n < 0:
+            cap = -n
+            buf = (_llama.llama_token * cap)()
+            n = _llama.llama_tokenize(self.vocab, data, len(data), buf, cap, add_bos, special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = _llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = _llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(_llama.llama_vocab_is_eog(self.vocab, token))
+
+
+class LoraAdapter(_Owned):
+    """A GGUF LoRA adapter loaded against one base model (applied per context with a scale)."""
+
+    def __init__(self, model: Model, path: Path):
+        self.path = _require_file(path, "LoRA adapter GGUF")
+        self.model = model
+        ptr = _llama.llama_adapter_lora_init(model.ptr, str(self.path).encode())
+        if not ptr:
+            raise InputError(f"llama.cpp rejects this adapter for {model.path.name} ({native_log_tail()})", self.path)
+        self._ptr = ptr
+
+    def _free(self) -> None:
+        _llama.llama_adapter_lora_free(self._ptr)
+
+    @property
+    def ptr(self):
+        return self._ptr
+
+
+# a segment of a prompt: token ids, or image embeddings [n_tokens, n_embd] float32
+Segment = Union[Sequence[int], np.ndarray]
+
+
+_KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+
+
+@dataclass
+class ContextOptions:
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_threads: int = 0  # 0: llama.cpp's default
+    kv_type: str = "f16"  # KV cache precision; "f32" for exact parity checks
+    flash_attn: bool | None = None  # None: llama.cpp decides; False for exact parity checks
+
+
+class Context(_Owned):
+    """A decoding context over a Model: feeds tokens and image embeddings, returns logits."""
+
+    def __init__(self, model: Model, options: ContextOptions | None = None):
+        self.model = model
+        self.options = options or ContextOptions()
+        params = _llama.llama_context_default_params()
+        params.n_ctx = self.options.n_ctx
+        params.n_batch = self.options.n_batch
+        params.n_ubatch = self.options.n_batch
+        if self.options.n_threads > 0:
+            params.n_threads = params.n_threads_batch = self.options.n_threads
+        if self.options.kv_type not in _KV_TYPES:
+            raise ConfigError(f"kv_type must be one of {', '.join(_KV_TYPES)}, not {self.options.kv_type!r}")
+        params.type_k = params.type_v = _KV_TYPES[self.options.kv_type]
+        if self.options.flash_attn is not None:
+            params.flash_attn_type = int(self.options.flash_attn)
+        ptr = _llama.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise NativeError(f"cannot create a llama.cpp context ({native_log_tail()})", model.path)
+        self._ptr = ptr
+        self.n_past = 0
+
+    def _free(self) -> None:
+        _llama.llama_free(self._ptr)
+
+    @property
+    def ptr(self):
+        return self._ptr
+
+    @property
+    def n_ctx(self) -> int:
+        return _llama.llama_n_ctx(self._ptr)
+
+    def set_adapters(self, adapters: Sequence[tuple[LoraAdapter, float]]) -> None:
+        """Apply these LoRA adapters with these scales (empty: the base model)."""
+        n = len(adapters)
+        arr = (_llama.llama_adapter_lora_p_ctypes * max(n, 1))(*[a.ptr for a, _ in adapters])
+        scales = (ctypes.c_float * max(n, 1))(*[s for _, s in adapters])
+        if _llama.llama_set_adapters_lora(self._ptr, arr if n else None, n, scales if n else None) != 0:
+            raise NativeError(f"cannot apply LoRA adapters ({native_log_tail()})", self.model.path)
+
+    def reset(self, keep: int = 0) -> None:
+        """Forget every position from `keep` on (0: the whole KV cache)."""
+        mem = _llama.llama_get_memory(self._ptr)
+        if keep == 0:
+            _llama.llama_memory_clear(mem, True)
+        else:
+            _llama.llama_memory_seq_rm(mem, 0, keep, -1)
+        self.n_past = keep
+
+    def _decode(self, tokens: Sequence[int] | None, embd: np.ndarray | None, want_logits: bool) -> np.ndarray:
+        n = len(tokens) if tokens is not None else embd.shape[0]
+        if self.n_past + n > self.n_ctx:
+            raise InputError(f"prompt needs {self.n_past + n} positions but the context holds {self.n_ctx}")
+        out: list[np.ndarray] = []
+        step = self.options.n_batch
+        for start in range(0, n, step):
+            m = min(step, n - start)
+            batch = _llama.llama_batch_init(m, embd.shape[1] if embd is not None else 0, 1)
+            try:
+                if embd is not None:
+                    chunk = np.ascontiguousarray(embd[start : start + m], dtype=np.float32)
+                    ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
+                for i in range(m):
+                    if tokens is not None:
+                        batch.token[i] = tokens[start + i]
+                    batch.pos[i] = self.n_past + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 1 if want_logits else int(start + i == n - 1)
+                batch.n_tokens = m
+                rc = _llama.llama_decode(self._ptr, batch)
+                if rc != 0:
+                    raise NativeError(f"llama_decode failed with {rc} ({native_log_tail()})", self.model.path)
+                self.n_past += m
+                rows = range(m) if want_logits else ([m - 1] if start + m == n else [])
+                for i in rows:
+                    ptr = _llama.llama_get_logits_ith(self._ptr, i)
+                    out.append(np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy())
+            finally:
+                _llama.llama_batch_free(batch)
+        return np.stack(out) if out else np.zeros((0, self.model.n_vocab), np.float32)
+
+    def feed(self, segments: Sequence[Segment], *, all_logits: bool = False) -> np.ndarray:
+        """Evaluate segments in order; logits for every position, or only the last one."""
+        outs = []
+        for i, seg in enumerate(segments):
+            last = i == len(segments) - 1
+            if isinstance(seg, np.ndarray) and seg.dtype != np.int64 and seg.ndim == 2:
+                outs.append(self._decode(None, seg, all_logits or last))
+            else:
+                outs.append(self._decode([int(t) for t in seg], None, all_logits or last))
+        logits = np.concatenate([o for o in outs if len(o)], axis=0)
+        return logits if all_logits else logits[-1:]
+
+    def greedy(self, segments: Sequence[Segment], n_tokens: int, *, stop_at_eog: bool = True) -> list[int]:
+        """Greedy continuation: argmax at every step (the reference decoding for parity checks)."""
+        logits = self.feed(segments)[-1]
+        out: list[int] = []
+        for _ in range(n_tokens):
+            tok = int(np.argmax(logits))
+            if stop_at_eog and self.model.is_eog(tok):
+                break
+            out.append(tok)
+            logits = self._decode([tok], None, False)[-1]
+        return out
+
+
+class ImageEncoder(_Owned):
+    """The CLIP encoder + projector of an mmproj GGUF, through libmtmd."""
+
+    def __init__(self, mmproj: Path, model: Model, *, use_gpu: bool = False, n_threads: int = 0,
+                 flash_attn: bool | None = None):
+        self.path = _require_file(mmproj, "mmproj GGUF")
+        params = _mtmd.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.print_timings = False
+        params.warmup = False
+        if flash_attn is not None:  # None: llama.cpp decides; False for exact parity checks
+            params.flash_attn_type = int(flash_attn)
+        if n_threads > 0:
+            params.n_threads = n_threads
+        ptr = _mtmd.mtmd_init_from_file(str(self.path).encode(), model.ptr, params)
+        if not ptr:
+            raise InputError(f"llama.cpp cannot load this mmproj with {model.path.name} ({native_log_tail()})", self.path)
+        self._ptr = ptr
+        self.model = model
+
+    def _free(self) -> None:
+        _mtmd.mtmd_free(self._ptr)
+
+    def encode(self, rgb: np.ndarray) -> np.ndarray:
+        """Embeddings [n_tokens, n_embd] of one RGB uint8 image (already prepared to model size)."""
+        rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise InputError(f"expected an HxWx3 uint8 image, got shape {rgb.shape}")
+        h, w = rgb.shape[:2]
+        data = rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        bitmap = _mtmd.mtmd_bitmap_init(w, h, data)
+        chunks = _mtmd.mtmd_input_chunks_init()
+        try:
+            marker = _mtmd.mtmd_default_marker()
+            text = _mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+            bitmaps = (_mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            rc = _mtmd.mtmd_tokenize(self._ptr, chunks, ctypes.byref(text), bitmaps, 1)
+            if rc != 0:
+                raise NativeError(f"mtmd_tokenize failed with {rc} ({native_log_tail()})", self.path)
+            for i in range(_mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = _mtmd.mtmd_input_chunks_get(chunks, i)
+                if _mtmd.mtmd_input_chunk_get_type(chunk) != _mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    continue
+                n_tok = _mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                if _mtmd.mtmd_encode_chunk(self._ptr, chunk) != 0:
+                    raise NativeError(f"image encoding failed ({native_log_tail()})", self.path)
+                ptr = _mtmd.mtmd_get_output_embd(self._ptr)
+                return np.ctypeslib.as_array(ptr, shape=(n_tok * self.model.n_embd,)).reshape(n_tok, -1).copy()
+            raise NativeError("mtmd produced no image chunk", self.path)
+        finally:
+            _mtmd.mtmd_input_chunks_free(chunks)
+            _mtmd.mtmd_bitmap_free(bitmap)

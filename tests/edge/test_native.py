@@ -1,0 +1,80 @@
+"""The native build: our patched llama.cpp is what the process loads, once, and edge stays torch-free."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from factedge.edge import native
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _maps_after_loading() -> list[str]:
+    code = (
+        "import factedge.edge.runtime, sys\n"
+        "print('\\n'.join(l.split()[-1] for l in open('/proc/self/maps') if 'ggml' in l or 'llama' in l or 'mtmd' in l))\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_exactly_one_ggml_and_it_is_ours():
+    lines = _maps_after_loading()
+    assert lines[-1] == "NO-TORCH"  # the edge runtime never imports torch
+    libs = {Path(p).resolve() for p in lines[:-1] if p.startswith("/")}
+    ggml_base = {p for p in libs if p.name.startswith("libggml-base")}
+    assert len(ggml_base) == 1, ggml_base
+    lib_dir = native.lib_dir().resolve()
+    assert all(p.parent == lib_dir for p in libs), sorted(libs)
+    assert {p.name.split(".so")[0] for p in libs} >= {"libllama", "libmtmd", "libggml", "libggml-base", "libggml-cpu"}
+
+
+def test_build_info_lists_every_patch_in_order():
+    info = native.build_info()
+    patches = sorted(p.name for p in (ROOT / "cpp_patches").glob("*.patch"))
+    assert info["patches"] == patches and len(patches) >= 3
+    assert info["llama_cpp_python"] == "0.3.36"
+    assert len(info["sdist_sha256"]) == 64
+
+
+def test_tools_run():
+    for name in ("llama-quantize", "llama-mtmd-cli"):
+        proc = subprocess.run([str(native.tool(name)), "--help"], capture_output=True, text=True)
+        assert "usage" in (proc.stdout + proc.stderr).lower(), name
+
+
+def test_each_patch_has_a_header_saying_what_and_why():
+    for patch in sorted((ROOT / "cpp_patches").glob("*.patch")):
+        text = patch.read_text()
+        subject = next(line for line in text.splitlines() if line.startswith("Subject:"))
+        body = text.split(subject, 1)[1].split("\n---\n", 1)[0]
+        assert len(subject) > 20 and len(body.split()) >= 30, patch.name  # what it fixes and why
+        assert "test" in body, patch.name  # names the test that fails without it
+        assert text.count("\ndiff --git") <= 4, patch.name  # small, reviewable
+
+
+def test_edge_import_is_torch_free():
+    code = "import factedge.edge, factedge.edge.session, factedge.edge.cli, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+
+
+def test_native_dir_override_is_honoured(tmp_path, monkeypatch):
+    real = native.native_dir()
+    for part in ("lib", "bin", "share"):
+        (tmp_path / part).symlink_to(real / part)
+    monkeypatch.setenv(native.ENV_NATIVE_DIR, str(tmp_path))
+    native.native_dir.cache_clear()
+    try:
+        assert native.native_dir() == tmp_path.resolve()
+        assert native.tool("llama-quantize") == tmp_path.resolve() / "bin" / "llama-quantize"
+    finally:
+        monkeypatch.undo()
+        native.native_dir.cache_clear()
