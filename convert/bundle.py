@@ -1,8 +1,11 @@
 """`factedge convert`: one checkpoint -> a bundle folder (LM GGUFs, mmproj, adapter, manifest, card).
 
 Everything is written into `<out>.partial/` and renamed to `<out>` only when complete, so an
-interrupted or failed conversion leaves no folder that looks finished. An existing output is refused
-before any work unless `overwrite` is set (mlx-lm's rule).
+interrupted or failed conversion leaves no folder that looks finished, and a failure removes the
+staging folder and any parent folder it created. Options, the output path and the native tools are
+checked before the checkpoint is read. An existing output is refused unless `overwrite` is set
+(mlx-lm's rule), and even then a non-empty folder without a manifest is never deleted; an old bundle
+is replaced only once the new one is complete.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from factedge.convert.quantize import check_lm_quants, check_mmproj_type, quanti
 from factedge.convert.shapes import lm_shapes
 from factedge.convert.specs import Checkpoint
 from factedge.edge.errors import ConfigError, OutputError
-from factedge.edge.native import tool
-from factedge.edge.manifest import (FINGERPRINT_KEY, MANIFEST, BundleFile, Fingerprint, Manifest,
+from factedge.edge.manifest import (FINGERPRINT_KEY, LORA_MERGED_KEY, MANIFEST, BundleFile, Fingerprint, Manifest,
                                     sha256_file, write_atomic)
+from factedge.edge.native import tool
 
 LORA_MODES = ("merge", "adapter")
 BASE_TYPES = ("f32", "f16", "bf16")
@@ -62,9 +65,6 @@ class ConvertOptions:
         self.mmproj_types = [check_mmproj_type(t) for t in _names(self.mmproj_types)]
         if not self.mmproj_types:
             raise ConfigError(f"at least one mmproj type is needed ({', '.join(MMPROJ_FTYPES)})")
-        unsupported = [t for t in self.mmproj_types if t not in MMPROJ_FTYPES]
-        if unsupported:  # quantize.py names q8_0, but the mmproj writer streams float types only
-            raise ConfigError(f"mmproj type {unsupported[0]} is not supported yet (choose {', '.join(MMPROJ_FTYPES)})")
         return self
 
     def key(self) -> dict:
@@ -214,8 +214,9 @@ def _convert_into(ckpt: Checkpoint, staging: Path, options: ConvertOptions, repo
     tensors = merged_lm_tensors(ckpt, ckpt.adapter_dir) if merged else None  # checks the adapter fits
     if lora and not merged:
         check_targets(read_adapter(ckpt.adapter_dir), "lm", lm_shapes(ckpt.text))  # before any file is written
+    lm_kv = {**kv, LORA_MERGED_KEY: True} if merged else kv
     base = write_language_model(ckpt, staging / base_name, tensors=tensors, ftype=options.base_type,
-                                extra_kv=kv, progress=_step(report, f"language model {options.base_type}"))
+                                extra_kv=lm_kv, progress=_step(report, f"language model {options.base_type}"))
     record(base, "model", options.base_type.upper())
     for i, quant in enumerate(options.quants):
         report(f"quantize {quant}", i, len(options.quants))

@@ -28,17 +28,28 @@ class PlannedTensor:
 
     name: str
     shape: tuple[int, ...]
-    qtype: Any  # gguf.GGMLQuantizationType (F32, F16 or BF16)
+    qtype: Any  # gguf.GGMLQuantizationType (F32, F16, BF16, or Q8_0 quantized by ggml)
     produce: Callable[[], np.ndarray]
 
 
 def _numpy_dtype(qtype) -> np.dtype:
     from gguf import GGMLQuantizationType as Q
 
-    table = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}  # BF16 travels as raw uint16 bits
+    # BF16 travels as raw uint16 bits, quantized types as their ggml blocks' bytes
+    table = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16, Q.Q8_0: np.uint8}
     if qtype not in table:
-        raise ConfigError(f"tensor type {qtype!r} cannot be streamed (F32, F16, BF16)")
+        raise ConfigError(f"tensor type {qtype!r} cannot be streamed (F32, F16, BF16, Q8_0)")
     return np.dtype(table[qtype])
+
+
+def stored_shape(shape: tuple[int, ...], qtype) -> tuple[int, ...]:
+    """The numpy shape of a tensor as stored: quantized rows become their bytes."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        return tuple(shape)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    return (*shape[:-1], shape[-1] // block * type_size)
 
 
 def to_numpy(tensor, qtype) -> np.ndarray:
@@ -46,6 +57,11 @@ def to_numpy(tensor, qtype) -> np.ndarray:
     import torch
     from gguf import GGMLQuantizationType as Q
 
+    if qtype == Q.Q8_0:  # ggml's own kernel, never a re-implementation
+        from factedge.convert.quantize import ggml_quantize
+
+        matrix = tensor.float().contiguous().numpy()
+        return ggml_quantize(matrix.reshape(-1, matrix.shape[-1]), qtype).reshape(stored_shape(matrix.shape, qtype))
     if qtype == Q.BF16:  # torch rounds to nearest even, as ggml_fp32_to_bf16 does
         return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
     torch_dtype = torch.float32 if qtype == Q.F32 else torch.float16
@@ -70,6 +86,15 @@ def set_kv(writer, key: str, value: Any) -> None:
         writer.add_array(key, list(value))
     else:
         raise ConfigError(f"metadata key {key!r}: unsupported value {value!r}")
+
+
+def add_provenance(writer, layout: str, component: str, extra_kv: dict[str, Any]) -> None:
+    """factedge's own keys: which layout and component a file came from, plus the caller's
+    (the bundle fingerprint, source hashes)."""
+    set_kv(writer, "factedge.layout", layout)
+    set_kv(writer, "factedge.component", component)
+    for key, value in extra_kv.items():
+        set_kv(writer, key, value)
 
 
 def _temp_path(out: Path) -> Path:
@@ -99,14 +124,14 @@ def write_gguf(
     try:
         metadata(writer)
         for t in plan:
-            dtype = _numpy_dtype(t.qtype)
-            writer.add_tensor_info(t.name, t.shape, dtype, math.prod(t.shape) * dtype.itemsize, raw_dtype=t.qtype)
+            dtype, shape = _numpy_dtype(t.qtype), stored_shape(t.shape, t.qtype)
+            writer.add_tensor_info(t.name, shape, dtype, math.prod(shape) * dtype.itemsize, raw_dtype=t.qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for i, t in enumerate(plan):
             array = t.produce()
-            if tuple(array.shape) != tuple(t.shape) or array.dtype != _numpy_dtype(t.qtype):
+            if tuple(array.shape) != stored_shape(t.shape, t.qtype) or array.dtype != _numpy_dtype(t.qtype):
                 raise MismatchError(f"tensor {t.name}: produced {array.dtype}{list(array.shape)}, planned {list(t.shape)}")
             writer.write_tensor_data(array)
             del array

@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from factedge.convert.gguf_stream import PlannedTensor, Progress, set_kv, to_numpy, write_gguf
+from factedge.convert.gguf_stream import PlannedTensor, Progress, add_provenance, to_numpy, write_gguf
 from factedge.convert.shapes import lm_shapes
 from factedge.convert.specs import Checkpoint, LazyTensors, TextSpec
 from factedge.convert.tensor_names import LM_TENSORS, gguf_name, is_rope_permuted
-from factedge.convert.vocab import VICUNA_V1_TEMPLATE, spm_vocab
+from factedge.convert.vocab import spm_vocab
+from factedge.edge.prompt import VICUNA_JINJA
 from factedge.edge.errors import ConfigError, MismatchError, NumericsError
 
 FTYPES = ("f32", "f16", "bf16")
@@ -118,11 +119,8 @@ def _metadata(ckpt: Checkpoint, ftype: str, name: str, extra_kv: dict[str, Any])
         writer.add_pad_token_id(text.pad_token_id)
         writer.add_add_bos_token(True)
         writer.add_add_eos_token(False)
-        writer.add_chat_template(VICUNA_V1_TEMPLATE)
-        set_kv(writer, "factedge.layout", ckpt.layout)
-        set_kv(writer, "factedge.component", "language_model")
-        for key, value in extra_kv.items():
-            set_kv(writer, key, value)
+        writer.add_chat_template(VICUNA_JINJA)  # the template edge.prompt formats with
+        add_provenance(writer, ckpt.layout, "language_model", extra_kv)
 
     return add
 

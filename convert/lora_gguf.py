@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from factedge.convert.gguf_stream import PlannedTensor, Progress, set_kv, to_numpy, write_gguf
+from factedge.convert.gguf_stream import PlannedTensor, add_provenance, Progress, to_numpy, write_gguf
 from factedge.convert.language_model import ftype_types, permute_qk, qk_heads
 from factedge.convert.merge import AdapterWeights, check_targets, read_adapter
 from factedge.convert.shapes import lm_shapes
@@ -89,9 +89,6 @@ def write_lora_adapter(
         writer.add_string(Keys.Adapter.TYPE, "lora")
         writer.add_float32(Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_name(name or Path(folder).name)
-        set_kv(writer, "factedge.layout", ckpt.layout)
-        set_kv(writer, "factedge.component", "lora_adapter")
-        for key, value in (extra_kv or {}).items():
-            set_kv(writer, key, value)
+        add_provenance(writer, ckpt.layout, "lora_adapter", extra_kv or {})
 
     return write_gguf(out_path, "llama", metadata, plan, progress=progress)

@@ -21,15 +21,17 @@ What llama.cpp's mtmd loader (tools/mtmd/clip.cpp, clip-impl.h, models/llava.cpp
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 from typing import Any
 
-from factedge.convert.gguf_stream import PlannedTensor, Progress, set_kv, to_numpy, write_gguf
+from factedge.convert.gguf_stream import PlannedTensor, Progress, add_provenance, to_numpy, write_gguf
 from factedge.convert.shapes import projector_shapes, vision_shapes
 from factedge.convert.specs import Checkpoint, VisionSpec
 from factedge.convert.tensor_names import PROJECTOR_TENSORS, VISION_TENSORS, gguf_name
 from factedge.edge.errors import ConfigError, MismatchError, NumericsError
 
-FTYPES = ("f32", "f16")
+FTYPES = ("f32", "f16", "q8_0")
 GGUF_PROJECTOR_TYPE = {"mlp2x_gelu": "mlp", "linear": "linear"}  # LLaVA name -> clip.projector_type
 SKIPPED_VISION = ("post_layernorm.weight", "post_layernorm.bias")  # see module docstring
 _USE_GELU = {"quick_gelu": False, "gelu": True}
@@ -39,7 +41,7 @@ def _types(ftype: str):
     from gguf import GGMLQuantizationType as Q
     from gguf import LlamaFileType as F
 
-    table = {"f32": (Q.F32, F.ALL_F32), "f16": (Q.F16, F.MOSTLY_F16)}
+    table = {"f32": (Q.F32, F.ALL_F32), "f16": (Q.F16, F.MOSTLY_F16), "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0)}
     if ftype not in table:
         raise ConfigError(f"unknown mmproj ftype {ftype!r} (choose {', '.join(FTYPES)})")
     return table[ftype]
@@ -77,7 +79,8 @@ def _producer(load, name: str, shape: tuple[int, ...], qtype):
         if tuple(tensor.shape) != shape:
             raise MismatchError(f"tensor {name}: shape {list(tensor.shape)}, the config implies {list(shape)}")
         array = to_numpy(tensor, qtype)
-        if not torch.isfinite(torch.from_numpy(array)).all():
+        values = tensor if array.dtype == np.uint8 else torch.from_numpy(array)  # quantized: check the input
+        if not torch.isfinite(values).all():
             raise NumericsError(f"tensor {name} is not finite after conversion (f16 overflow?)")
         return array
 
@@ -101,6 +104,8 @@ def _plan_part(tensors, expected: dict, table, what: str, qtype, skipped=()) -> 
         if out_name is None:
             raise MismatchError(f"{what} tensor {name} has no GGUF name")
         t_type = Q.F32 if len(shape) == 1 else qtype
+        if t_type == Q.Q8_0 and not _quantizable(name, shape):
+            t_type = Q.F16
         plan.append(PlannedTensor(out_name, shape, t_type, _producer(loaders[name], name, shape, t_type)))
     return plan
 
@@ -110,6 +115,12 @@ def unused_layers(vision: VisionSpec) -> tuple[str, ...]:
     keep = feature_layer_index(vision)
     return tuple(name for name in vision_shapes(vision)
                  if name.startswith("encoder.layers.") and int(name.split(".")[2]) >= keep)
+
+
+def _quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """q8_0 goes to the matrices of the encoder and projector only: the patch convolution and the
+    position table stay F16 (as llama.cpp's own mmproj quantization keeps them)."""
+    return len(shape) == 2 and shape[-1] % 32 == 0 and "embeddings." not in name
 
 
 def plan_mmproj(ckpt: Checkpoint, ftype: str) -> list[PlannedTensor]:
@@ -150,10 +161,7 @@ def _metadata(ckpt: Checkpoint, ftype: str, name: str, extra_kv: dict[str, Any],
         writer.add_vision_use_gelu(_USE_GELU[vision.hidden_act])
         if feature_layer_key:
             writer.add_array("clip.vision.feature_layer", [feature_idx])
-        set_kv(writer, "factedge.layout", ckpt.layout)
-        set_kv(writer, "factedge.component", "mmproj")
-        for key, value in extra_kv.items():
-            set_kv(writer, key, value)
+        add_provenance(writer, ckpt.layout, "mmproj", extra_kv)
 
     return add
 

@@ -17,30 +17,6 @@ from factedge.edge.errors import CorruptFileError, InputError, MismatchError
 # SentencePiece / GGUF token types (gguf.TokenType uses the same numbers)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-LLAVA_SYSTEM_PROMPT = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-
-# LLaVA's `conv_vicuna_v1` / `llava_v1`: "<system> USER: <q> ASSISTANT: <a></s>USER: ..." (sep " ",
-# sep2 "</s>"). No BOS in the template: the GGUF says add_bos, so the tokenizer adds it.
-VICUNA_V1_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
-    "{%- else -%}"
-    "{%- set system = '" + LLAVA_SYSTEM_PROMPT.replace("'", "\\'") + "' -%}{%- set turns = messages -%}"
-    "{%- endif -%}"
-    "{{- system + ' ' -}}"
-    "{%- for m in turns -%}"
-    "{%- if m['content'] is string -%}{%- set text = m['content'] -%}"
-    "{%- else -%}{%- set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}"
-    "{%- endif -%}"
-    "{%- if m['role'] == 'user' -%}{{- 'USER: ' + text + ' ' -}}"
-    "{%- elif m['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + text + '</s>' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
 
 
 @dataclass(frozen=True)

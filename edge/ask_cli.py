@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 
 from factedge.edge.inspect import check_bundle, describe_gguf
-from factedge.edge.manifest import MANIFEST
 
 
 @click.command()
@@ -58,7 +57,7 @@ def ask(question, model, image, mmproj, adapter, quant, temperature, top_p, top_
 @click.option("--no-hash", is_flag=True, help="skip the sha256 check of bundle files")
 def inspect(path, no_hash):
     """Show what a GGUF file or a bundle holds (metadata, tensors, fingerprint, pairing)."""
-    if path.is_dir() and (path / MANIFEST).is_file():
+    if path.is_dir():  # a bundle (read_manifest says so when it is not one)
         check = check_bundle(path, hashes=not no_hash)
         m = check.manifest
         click.echo(f"bundle {path}: {m.source.get('layout')} checkpoint, LoRA {m.lora or 'none'}, "

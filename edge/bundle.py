@@ -13,7 +13,7 @@ from pathlib import Path
 
 from factedge.edge.errors import InputError, MismatchError
 from factedge.edge.inspect import describe_gguf
-from factedge.edge.manifest import MANIFEST, Manifest, check_pairing, read_manifest
+from factedge.edge.manifest import LORA_MERGED_KEY, MANIFEST, Manifest, check_pairing, read_manifest
 
 # default preference when no quant is named: small and faithful first
 QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q6_K", "Q4_0", "F16", "BF16", "F32")
@@ -62,7 +62,11 @@ def check_files(files: BundleFiles) -> None:
     for p in (files.model, files.mmproj, files.adapter):
         if p is not None and not p.is_file():
             raise InputError("file missing", p)
-    model_fp = describe_gguf(files.model).fingerprint
+    model = describe_gguf(files.model)
+    model_fp = model.fingerprint
+    if files.adapter is not None and model.metadata.get(LORA_MERGED_KEY):
+        raise MismatchError("the model already has its LoRA merged in; applying an adapter on top would add it twice",
+                            files.adapter)
     if files.manifest is not None and model_fp != files.manifest.fingerprint.id:
         raise MismatchError(f"model file does not belong to this bundle (fingerprint {model_fp}, manifest has "
                             f"{files.manifest.fingerprint.id})", files.model)

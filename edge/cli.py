@@ -21,11 +21,23 @@ LAZY_COMMANDS = {
     "verify": "factedge.convert.cli:verify",
     "demo": "factedge.train.demo_cli:demo",
 }
+# what `factedge --help` lists, without importing the commands (which would pull torch and llama.cpp)
+SHORT_HELP = {
+    "ask": "Answer a question about an image with a converted model.",
+    "convert": "Convert a LLaVA / LLaVA-RLHF checkpoint (or a batch) into a GGUF bundle.",
+    "inspect": "Show what a GGUF file or a bundle holds, and whether its files pair.",
+    "verify": "Compare a bundle's GGUF files with the PyTorch checkpoint.",
+    "demo": "Convert, verify and chat with a tiny LLaVA-RLHF-layout model.",
+}
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(LAZY_COMMANDS)
+
+    def format_commands(self, ctx, formatter):
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, SHORT_HELP[name]) for name in self.list_commands(ctx)])
 
     def get_command(self, ctx, name):
         target = LAZY_COMMANDS.get(name)
@@ -41,8 +53,17 @@ class LazyGroup(click.Group):
             ) from exc
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("factedge")
+    except PackageNotFoundError:  # running from a source tree
+        return "unknown (not installed)"
+
+
 @click.group(cls=LazyGroup)
-@click.version_option(package_name="factedge")
+@click.version_option(version=_version(), prog_name="factedge")
 def cli() -> None:
     """factedge: LLaVA / LLaVA-RLHF to GGUF, verified, and chat on a laptop."""
 

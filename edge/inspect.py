@@ -12,7 +12,7 @@ from typing import Any
 
 from factedge.edge.errors import CorruptFileError
 from factedge.edge.gguf_header import ArrayInfo, read_header
-from factedge.edge.manifest import FINGERPRINT_KEY, Manifest, read_manifest, sha256_file
+from factedge.edge.manifest import FINGERPRINT_KEY, LORA_MERGED_KEY, Manifest, read_manifest, sha256_file
 
 # metadata shown for each kind of file (the rest is counted, not listed)
 _SHOWN = (
@@ -20,7 +20,7 @@ _SHOWN = (
     "llama.context_length", "llama.embedding_length", "llama.block_count", "llama.attention.head_count",
     "tokenizer.ggml.model", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
     "clip.projector_type", "clip.vision.image_size", "clip.vision.patch_size", "clip.vision.block_count",
-    "clip.vision.projection_dim", "adapter.type", "adapter.lora.alpha", FINGERPRINT_KEY,
+    "clip.vision.projection_dim", "adapter.type", "adapter.lora.alpha", FINGERPRINT_KEY, LORA_MERGED_KEY,
 )
 
 

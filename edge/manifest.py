@@ -21,6 +21,7 @@ from factedge.edge.errors import CorruptFileError, InputError, MismatchError, Ou
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 FINGERPRINT_KEY = "factedge.fingerprint"
+LORA_MERGED_KEY = "factedge.lora_merged"  # true in an LM with the LoRA merged in: no adapter on top
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Manifest:
             if data.get("format") != FORMAT_VERSION:
                 raise CorruptFileError(f"manifest format {data.get('format')} is not {FORMAT_VERSION}", path)
             return cls(fingerprint=Fingerprint(**fp), files=files, **data)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: JSON not an object
             raise CorruptFileError(f"not a factedge manifest ({exc})", path) from exc
 
 
@@ -100,7 +101,11 @@ def read_manifest(bundle: Path) -> Manifest:
     path = Path(bundle) / MANIFEST
     if not path.is_file():
         raise InputError("not a factedge bundle (no manifest.json)", bundle)
-    return Manifest.from_json(path.read_text(), path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"cannot read the manifest ({exc})", path) from exc
+    return Manifest.from_json(text, path)
 
 
 def write_atomic(path: Path, text: str) -> None:

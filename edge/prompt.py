@@ -20,14 +20,24 @@ SYSTEM = (
 IMAGE = "<image>"
 USER, ASSISTANT, SEP, EOS = "USER", "ASSISTANT", " ", "</s>"
 
+# LLaVA's `conv_vicuna_v1` / `llava_v1`: "<system> USER: <q> ASSISTANT: <a></s>USER: ..." (sep " ",
+# sep2 "</s>"). No BOS in the template: the GGUF says add_bos, so the tokenizer adds it.
 VICUNA_JINJA = (
-    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-    "{% set loop_messages = messages[1:] %}{% else %}"
-    "{% set system = '" + SYSTEM.replace("'", "\\'") + "' %}{% set loop_messages = messages %}{% endif %}"
-    "{{ system }} "
-    "{% for m in loop_messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
-    "{% else %}ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system = '" + SYSTEM.replace("'", "\\'") + "' -%}{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "{{- system + ' ' -}}"
+    "{%- for m in turns -%}"
+    "{%- if m['content'] is string -%}{%- set text = m['content'] -%}"
+    "{%- else -%}{%- set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}"
+    "{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}{{- 'USER: ' + text + ' ' -}}"
+    "{%- elif m['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + text + '</s>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
 
 

@@ -32,8 +32,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$deps_hash" ]; then
   sdist="$sdist_dir/llama_cpp_python-$pinned_llama_cpp_python.tar.gz"
   [ -f "$sdist" ] || "$pyv" -m pip download --quiet --no-deps --no-binary :all: \
       "llama-cpp-python==$pinned_llama_cpp_python" -d "$sdist_dir"
+  pip_q "numpy>=1.26" "typing-extensions>=4.5" "diskcache>=5.6.1" "jinja2>=2.11.3"
   CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip_q --no-deps "$sdist"
-  pip_q "typing-extensions>=4.5" "diskcache>=5.6.1" "jinja2>=2.11.3"
 fi
 
 backend="${FACTEDGE_BACKEND:-}"

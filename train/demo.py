@@ -16,6 +16,7 @@ from typing import Callable
 from factedge.convert.bundle import ConvertOptions, Progress, convert_checkpoint
 from factedge.convert.verify import sample_images
 from factedge.edge.manifest import Manifest, read_manifest
+from factedge.edge.sampling import SamplingOptions
 from factedge.edge.session import Answer, ChatOptions, VisionChat
 from factedge.train.tiny_cache import cached_tiny
 
@@ -60,5 +61,5 @@ def run_demo(*, quants: tuple[str, ...] = ("Q8_0", "Q4_K_M"), question: str = QU
     for quant in quants:
         log(f"asking the {quant} model about {image.name}")
         with VisionChat.open(bundle, quant=quant, options=ChatOptions(threads=threads)) as chat:
-            answers[quant] = chat.ask(question, image)
+            answers[quant] = chat.ask(question, image, SamplingOptions(max_tokens=48))
     return DemoResult(Path(tiny.root), bundle, manifest, image, answers, converted)

@@ -15,6 +15,7 @@ Layouts:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -212,14 +213,13 @@ def write_clip(folder: Path, vision: VisionSpec, seed: int) -> Path:
     return folder
 
 
-def _write_llava_hf(out: Path, vision: VisionSpec, sharded: bool, seed: int, tok: bytes) -> Path:
-    text = tw.tiny_text(LLAVA_HF_VOCAB)
+def _write_llava_hf(out: Path, text: TextSpec, vision: VisionSpec, sharded: bool, seed: int, tok: bytes) -> Path:
     sd: dict[str, torch.Tensor] = {}
     sd.update({f"vision_tower.{k}": v for k, v in tw.vision_weights(vision, seed).items()})
     proj = tw.projector_weights("mlp2x_gelu", vision, text, seed)
     hf_names = {"0": "linear_1", "2": "linear_2"}  # nn.Sequential index -> LlavaMultiModalProjector
     sd.update({f"multi_modal_projector.{hf_names[k[0]]}.{k[2:]}": v for k, v in proj.items()})
-    sd.update({f"language_model.{k}": v for k, v in tw.text_weights(text, seed).items()})
+    sd.update({f"language_model.{k}": v for k, v in tw.text_weights(text, seed, dtype=torch.float16).items()})
     save_checkpoint(out, _cast(sd, torch.float16), "safetensors", n_shards=2 if sharded else 1)
     write_json(out / "config.json", _llava_hf_config(text, vision))
     write_json(out / "generation_config.json", _generation_config(PAD_TOKEN_ID_HF, "4.36.0.dev0"))
@@ -250,12 +250,11 @@ def _write_llava_hf(out: Path, vision: VisionSpec, sharded: bool, seed: int, tok
     return out
 
 
-def _write_llava_model(folder: Path, vision: VisionSpec, projector: ProjectorType, clip_dir: Path,
+def _write_llava_model(folder: Path, text: TextSpec, vision: VisionSpec, projector: ProjectorType, clip_dir: Path,
                        dtype: torch.dtype, sharded: bool, seed: int, tok: bytes) -> Path:
     """An original-LLaVA `LlavaLlamaForCausalLM` folder (state-dict order: LM, norm, projector, head)."""
     folder.mkdir(parents=True, exist_ok=True)
-    text = tw.tiny_text()
-    lm = tw.text_weights(text, seed)
+    lm = tw.text_weights(text, seed, dtype=dtype)
     head = lm.pop("lm_head.weight")
     sd = dict(lm)
     proj = tw.projector_weights(projector, vision, text, seed)
@@ -270,11 +269,13 @@ def _write_llava_model(folder: Path, vision: VisionSpec, projector: ProjectorTyp
     return folder
 
 
-def write_lora_adapter(folder: Path, base_dir: Path, seed: int, fmt: WeightFormat = "bin") -> Path:
+def write_lora_adapter(folder: Path, base_dir: Path, seed: int, fmt: WeightFormat = "bin",
+                       text: TextSpec | None = None) -> Path:
     """PEFT LoRA folder for a LlavaLlamaForCausalLM (r=64, alpha=16, all seven LLaMA projections;
-    LLaVA-RLHF's 4-bit training leaves mm_projector and lm_head unquantized, so not targeted)."""
+    LLaVA-RLHF's 4-bit training leaves mm_projector and lm_head unquantized, so not targeted).
+    text: the base LLaMA's shape (default: the shared tiny one)."""
     folder.mkdir(parents=True, exist_ok=True)
-    text = tw.tiny_text()
+    text = text or tw.tiny_text()
     # bf16 like LLaVA-RLHF's QLoRA training (LoraLayer modules cast to bf16 before saving)
     sd = _cast({f"base_model.model.{k}": v for k, v in tw.lora_weights(text, seed).items()}, torch.bfloat16)
     name = "adapter_model.safetensors" if fmt == "safetensors" else "adapter_model.bin"
@@ -310,38 +311,44 @@ def build_tiny(
     seed: int = 0,
     adapter_format: WeightFormat = "bin",
     vocab_gguf: str | Path | None = None,
+    text: TextSpec | None = None,
+    vision: VisionSpec | None = None,
 ) -> Path:
     """Write a tiny checkpoint of `layout` under `out_dir` and return its root (see module doc).
 
     projector: llava-hf is always mlp2x_gelu; "llava" defaults to mlp2x_gelu (v1.5), "llava-rlhf"
     to linear. sharded: None = the layout's usual form (llava-hf one file, original LLaVA two .bin
     shards). vocab_gguf: the LLaMA SPM vocab GGUF (default: `spm_vocab.default_vocab_path()`).
+    text / vision: other shapes than the shared tiny ones (benchmarks build GB-sized models this
+    way); `vision` replaces `image_size`, and llava-hf pads text's vocab to 32064 as always.
     """
     if layout not in ("llava-hf", "llava", "llava-rlhf"):
         raise ConfigError(f"unknown layout {layout!r} (llava-hf, llava, llava-rlhf)")
     if projector not in (None, "linear", "mlp2x_gelu") or (layout == "llava-hf" and projector == "linear"):
         raise ConfigError(f"projector {projector!r} not available for {layout} (llava-hf: mlp2x_gelu only)")
-    if image_size % 14 or image_size <= 0:
-        raise ConfigError(f"image_size {image_size} is not a positive multiple of the patch size 14")
+    vision = vision or tw.tiny_vision(image_size)
+    image_size = vision.image_size
+    if image_size % vision.patch_size or image_size <= 0:
+        raise ConfigError(f"image_size {image_size} is not a positive multiple of the patch size {vision.patch_size}")
     if adapter_format not in ("bin", "safetensors"):
         raise ConfigError(f"adapter_format {adapter_format!r} is neither bin nor safetensors")
     out = Path(out_dir)
     tok = tokenizer_model_bytes(vocab_gguf or default_vocab_path())
     out.mkdir(parents=True, exist_ok=True)
-    vision = tw.tiny_vision(image_size)
+    text = text or tw.tiny_text()
     if layout == "llava-hf":
-        return _write_llava_hf(out, vision, bool(sharded), seed, tok)
+        return _write_llava_hf(out, replace(text, vocab_size=LLAVA_HF_VOCAB), vision, bool(sharded), seed, tok)
     if layout == "llava":
         clip_dir = out / clip_folder_name(image_size)
         write_clip(clip_dir, vision, seed)
         model = out / f"llava-v1.5-tiny-{image_size}"
-        return _write_llava_model(model, vision, projector or "mlp2x_gelu", clip_dir, torch.float16,
+        return _write_llava_model(model, text, vision, projector or "mlp2x_gelu", clip_dir, torch.float16,
                                   sharded is not False, seed, tok)
     root = out / f"LLaVA-RLHF-tiny-{image_size}"
     clip_dir = root / clip_folder_name(image_size)
     write_clip(clip_dir, vision, seed)
-    sft = _write_llava_model(root / "sft_model", vision, projector or "linear", clip_dir,
+    sft = _write_llava_model(root / "sft_model", text, vision, projector or "linear", clip_dir,
                              torch.bfloat16, sharded is not False, seed, tok)
-    write_lora_adapter(root / "rlhf_lora_adapter_model", sft, seed, adapter_format)
+    write_lora_adapter(root / "rlhf_lora_adapter_model", sft, seed, adapter_format, text=text)
     return root
 

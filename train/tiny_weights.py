@@ -94,33 +94,44 @@ def _norm(out: dict, seed: int, name: str, dim: int, bias: bool):
         out[f"{name}.bias"] = normal(seed, f"{name}.bias", (dim,), BIAS_STD)
 
 
-def text_weights(spec: TextSpec, seed: int, base_vocab: int = 32000) -> dict[str, torch.Tensor]:
+def text_weights(spec: TextSpec, seed: int, base_vocab: int = 32000,
+                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """LlamaForCausalLM state dict. Rows past `base_vocab` (llava-hf's padding) are drawn the way
-    llava-hf's converter fills them: the mean of the real rows plus a little noise."""
+    llava-hf's converter fills them: the mean of the real rows plus a little noise.
+
+    dtype: each tensor is drawn in float32 and cast at once (same values as casting the whole dict
+    later), so building a GB-sized model needs about its final size of RAM, not twice that."""
     h, f = spec.hidden_size, spec.intermediate_size
     head_dim = h // spec.num_heads
     kv = spec.num_kv_heads * head_dim
-    sd: dict[str, torch.Tensor] = {}
-    sd["model.embed_tokens.weight"] = normal(seed, "model.embed_tokens.weight", (base_vocab, h), EMBED_STD)
+
+    def vocab_matrix(key: str, std: float) -> torch.Tensor:
+        real = normal(seed, key, (base_vocab, h), std)
+        if spec.vocab_size > base_vocab:
+            pad = real.mean(0, keepdim=True) + normal(seed, f"{key}.pad", (spec.vocab_size - base_vocab, h), 1e-3)
+            real = torch.cat([real, pad])
+        return real.to(dtype)
+
+    def cast(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(dtype) for k, v in part.items()}
+
+    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": vocab_matrix("model.embed_tokens.weight", EMBED_STD)}
     for i in range(spec.num_layers):
-        p = f"model.layers.{i}"
-        _norm(sd, seed, f"{p}.input_layernorm", h, bias=False)
-        _linear(sd, seed, f"{p}.self_attn.q_proj", h, h, gain=QK_GAIN)
-        _linear(sd, seed, f"{p}.self_attn.k_proj", kv, h, gain=QK_GAIN)
-        _linear(sd, seed, f"{p}.self_attn.v_proj", kv, h)
-        _linear(sd, seed, f"{p}.self_attn.o_proj", h, h)
-        _norm(sd, seed, f"{p}.post_attention_layernorm", h, bias=False)
-        _linear(sd, seed, f"{p}.mlp.gate_proj", f, h)
-        _linear(sd, seed, f"{p}.mlp.up_proj", f, h)
-        _linear(sd, seed, f"{p}.mlp.down_proj", h, f)
-    _norm(sd, seed, "model.norm", h, bias=False)
-    sd["lm_head.weight"] = normal(seed, "lm_head.weight", (base_vocab, h), LM_HEAD_GAIN / math.sqrt(h))
-    if spec.vocab_size > base_vocab:
-        for key in ("model.embed_tokens.weight", "lm_head.weight"):
-            real = sd[key]
-            extra = spec.vocab_size - base_vocab
-            pad = real.mean(0, keepdim=True) + normal(seed, f"{key}.pad", (extra, h), 1e-3)
-            sd[key] = torch.cat([real, pad])
+        p, layer = f"model.layers.{i}", {}
+        _norm(layer, seed, f"{p}.input_layernorm", h, bias=False)
+        _linear(layer, seed, f"{p}.self_attn.q_proj", h, h, gain=QK_GAIN)
+        _linear(layer, seed, f"{p}.self_attn.k_proj", kv, h, gain=QK_GAIN)
+        _linear(layer, seed, f"{p}.self_attn.v_proj", kv, h)
+        _linear(layer, seed, f"{p}.self_attn.o_proj", h, h)
+        _norm(layer, seed, f"{p}.post_attention_layernorm", h, bias=False)
+        _linear(layer, seed, f"{p}.mlp.gate_proj", f, h)
+        _linear(layer, seed, f"{p}.mlp.up_proj", f, h)
+        _linear(layer, seed, f"{p}.mlp.down_proj", h, f)
+        sd.update(cast(layer))
+    final: dict[str, torch.Tensor] = {}
+    _norm(final, seed, "model.norm", h, bias=False)
+    sd.update(cast(final))
+    sd["lm_head.weight"] = vocab_matrix("lm_head.weight", LM_HEAD_GAIN / math.sqrt(h))
     return sd
 
 

@@ -16,7 +16,7 @@ import pytest
 from factedge.convert.bundle import ConvertOptions, convert_checkpoint
 from factedge.edge.errors import ConfigError, NativeError, OutputError
 from factedge.edge.gguf_header import read_header
-from factedge.edge.manifest import FINGERPRINT_KEY, MANIFEST, read_manifest, sha256_file
+from factedge.edge.manifest import FINGERPRINT_KEY, LORA_MERGED_KEY, MANIFEST, read_manifest, sha256_file
 
 FAST = {"verify": False, "quants": ["Q8_0"]}
 
@@ -31,7 +31,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)  # session: before the tiny checkpoints (they need its vocab)
 def native():
     from factedge.edge.native import tool
 
@@ -90,7 +90,10 @@ def test_bundle_per_layout(bundles, name):
     assert (fp.n_embd, fp.image_size, fp.tokens_per_image) == (256, image_size, (image_size // 14) ** 2)
     assert re.fullmatch(r"[0-9a-f]{16}", fp.id) and re.fullmatch(r"[0-9a-f]{64}", fp.base_weights_sha256)
     for f in manifest.files:
-        assert _field(out / f.name, FINGERPRINT_KEY) == fp.id, f.name
+        meta = read_header(out / f.name).metadata
+        assert meta[FINGERPRINT_KEY] == fp.id, f.name
+        # only LM files with the LoRA merged in say so (an adapter on top of them would add it twice)
+        assert meta.get(LORA_MERGED_KEY) == (True if lora == "merged" and f.role == "model" else None), f.name
     # the quantized file really is Q8_0 (2-D weights), norms stay F32
     types = _types(out / "model-Q8_0.gguf")
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
@@ -161,7 +164,7 @@ def test_unknown_quant_refused_before_any_work(tiny_llava_hf, tmp_path, monkeypa
     import factedge.convert.bundle as bundle
 
     monkeypatch.setattr(bundle, "load_checkpoint", lambda *a, **k: pytest.fail("checkpoint read"))
-    for bad in ({"quants": ["Q9_X"]}, {"mmproj_types": ["q8_0"]}, {"base_type": "f8"}, {"lora_mode": "fuse"}):
+    for bad in ({"quants": ["Q9_X"]}, {"mmproj_types": ["q4_0"]}, {"base_type": "f8"}, {"lora_mode": "fuse"}):
         with pytest.raises(ConfigError):
             convert_checkpoint(Path(tiny_llava_hf.root), tmp_path / "out", ConvertOptions(**{**FAST, **bad}))
     assert _entries(tmp_path) == []

@@ -13,7 +13,8 @@ from factedge.convert.language_model import permute_qk, unpermute_qk, write_lang
 from factedge.convert.layouts import load_checkpoint
 from factedge.convert.merge import merged_lm_tensors
 from factedge.convert.tensor_names import LM_TENSORS, gguf_name
-from factedge.convert.vocab import LLAVA_SYSTEM_PROMPT, VICUNA_V1_TEMPLATE
+from factedge.edge.prompt import SYSTEM as LLAVA_SYSTEM_PROMPT
+from factedge.edge.prompt import VICUNA_JINJA as VICUNA_V1_TEMPLATE
 from factedge.edge.errors import ConfigError, OutputError
 
 CONTROL, USER_DEFINED, UNUSED, BYTE = 3, 4, 5, 6

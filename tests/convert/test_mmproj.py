@@ -120,7 +120,7 @@ def test_unconvertible_configs_are_config_errors(hf_ckpt, tmp_path):
         with pytest.raises(ConfigError):
             write_mmproj(ckpt, tmp_path / "x.gguf")
     with pytest.raises(ConfigError, match="ftype"):
-        write_mmproj(hf_ckpt, tmp_path / "x.gguf", ftype="q8_0")
+        write_mmproj(hf_ckpt, tmp_path / "x.gguf", ftype="q4_0")
     assert not list(tmp_path.iterdir())
 
 
@@ -130,8 +130,8 @@ def _with_vision(ckpt, edit):
 
 
 def test_tensor_mismatches_are_named_and_leave_nothing(hf_ckpt, tmp_path):
-    missing = _with_vision(hf_ckpt, lambda ts: [t for t in ts if t[0] != "encoder.layers.2.self_attn.k_proj.bias"])
-    with pytest.raises(MismatchError, match=r"layers\.2\.self_attn\.k_proj\.bias"):
+    missing = _with_vision(hf_ckpt, lambda ts: [t for t in ts if t[0] != "encoder.layers.1.self_attn.k_proj.bias"])
+    with pytest.raises(MismatchError, match=r"layers\.1\.self_attn\.k_proj\.bias"):
         write_mmproj(missing, tmp_path / "a.gguf")
     extra = _with_vision(hf_ckpt, lambda ts: ts + [("encoder.layers.7.mlp.fc1.bias", lambda: torch.zeros(128))])
     with pytest.raises(MismatchError, match="not expected"):
@@ -167,3 +167,19 @@ def test_missing_folder_or_folder_target_is_output_error(hf_ckpt, tmp_path):
     (tmp_path / "dir.gguf").mkdir()
     with pytest.raises(OutputError):
         write_mmproj(hf_ckpt, tmp_path / "dir.gguf")
+
+
+def test_q8_0_quantizes_encoder_matrices_with_ggml(hf_ckpt, tmp_path, gguf_io):
+    out = write_mmproj(hf_ckpt, tmp_path / "mmproj-q8_0.gguf", ftype="q8_0")
+    types, fields = gguf_io.types(out), gguf_io.fields(out)
+    assert fields["general.file_type"] == 7  # MOSTLY_Q8_0
+    assert types["v.blk.0.attn_q.weight"] == "Q8_0" and types["mm.0.weight"] == "Q8_0"
+    assert types["v.patch_embd.weight"] == "F16" and types["v.position_embd.weight"] == "F16"
+    assert types["v.blk.0.attn_q.bias"] == "F32"
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    t = next(t for t in GGUFReader(str(out)).tensors if t.name == "mm.0.weight")
+    ref = dict(hf_ckpt.projector_tensors())["0.weight"]().float().numpy()
+    got = dequantize(t.data, t.tensor_type).reshape(ref.shape)
+    assert np.abs(got - ref).max() <= np.abs(ref).max() / 127 * 0.51  # half a q8_0 step at most
