@@ -39,6 +39,8 @@ SIZES: dict[str, tuple[TextSpec, VisionSpec]] = {
     "small": (TextSpec(32000, 256, 512, 2, 4, 4), VisionSpec(224, 14, 64, 128, 3, 4)),
     # TinyLlama-like width, 8 layers: 542M parameters = 1.01 GiB of f16 LM weights; ViT-B/14-like CLIP
     "1gb": (TextSpec(32000, 2048, 5632, 8, 16, 16), VisionSpec(224, 14, 768, 3072, 12, 12)),
+    # the same width, 20 layers (2.1 GiB): streaming's peak should not move, the naive one should double
+    "2gb": (TextSpec(32000, 2048, 5632, 20, 16, 16), VisionSpec(224, 14, 768, 3072, 12, 12)),
 }
 
 
@@ -62,7 +64,10 @@ def child_build(args: dict) -> dict:
 
 def child_floor(args: dict) -> dict:
     """Only the imports each mode pays for: the floor every peak below sits on."""
-    import factedge.convert.bundle  # noqa: F401  (torch, gguf, numpy)
+    import gguf  # noqa: F401
+    import torch  # noqa: F401  (factedge imports it lazily, at the first tensor)
+
+    import factedge.convert.bundle  # noqa: F401
 
     if args["naive"]:
         import peft  # noqa: F401
@@ -160,28 +165,47 @@ CHILDREN = {"build": child_build, "floor": child_floor, "convert": child_convert
 def child_main(kind: str, args: dict, result_path: Path) -> None:
     t0 = time.perf_counter()
     result = CHILDREN[kind](args)
-    result.update(work_s=round(time.perf_counter() - t0, 2), self_peak_mib=round(_maxrss_mib(resource.RUSAGE_SELF), 1),
-                  children_peak_mib=round(_maxrss_mib(resource.RUSAGE_CHILDREN), 1))
+    # RUSAGE_CHILDREN would not isolate llama-quantize: Linux counts a forked child's inherited pages
+    # (the parent's RSS at exec) in its maxrss, so the driver measures llama-quantize on its own
+    result.update(work_s=round(time.perf_counter() - t0, 2), self_peak_mib=round(_maxrss_mib(resource.RUSAGE_SELF), 1))
     result_path.write_text(json.dumps(result))
 
 
 # ---------------------------------------------------------------- driver side
-def run_child(kind: str, args: dict, scratch: Path) -> dict:
-    """Run one measurement in a fresh interpreter; peak RSS from wait4 covers it and its children."""
-    result_path = scratch / f".result-{kind}-{os.getpid()}.json"
-    result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(args), str(result_path)]
+def run_measured(cmd: list[str], quiet: bool = False) -> tuple[float, float]:
+    """(wall s, peak RSS MiB) of one command and its children, from wait4. The driver stays small
+    (no torch), so the pages a fork inherits from it do not blur the figure."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if quiet else None,
+                            stderr=subprocess.DEVNULL if quiet else None)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.exit(f"child {kind} {args} failed with exit code {proc.returncode}")
+        sys.exit(f"{' '.join(cmd[:3])} ... failed with exit code {proc.returncode}")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
+def run_child(kind: str, args: dict, scratch: Path) -> dict:
+    """Run one measurement in a fresh interpreter (peak RSS: it and any llama-quantize it ran)."""
+    result_path = scratch / f".result-{kind}-{os.getpid()}.json"
+    result_path.unlink(missing_ok=True)
+    wall, peak = run_measured([sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(args),
+                               str(result_path)])
     result = json.loads(result_path.read_text())
     result_path.unlink()
-    result.update(process_s=round(wall, 2), peak_mib=round(usage.ru_maxrss / 1024, 1))
+    result.update(process_s=round(wall, 2), peak_mib=round(peak, 1))
     return result
+
+
+def measure_quantize(f16: Path) -> dict:
+    """llama-quantize f16 -> Q4_K_M on its own, the native step of every mode."""
+    from factedge.edge.native import tool
+
+    dst = f16.with_name(".bench-Q4_K_M.gguf")
+    wall, peak = run_measured([str(tool("llama-quantize")), str(f16), str(dst), "Q4_K_M", str(os.cpu_count() or 1)],
+                              quiet=True)
+    dst.unlink()
+    return {"s": round(wall, 2), "peak_mib": round(peak, 1)}
 
 
 def ensure_checkpoint(size: str, out: Path) -> tuple[Path, dict | None]:
@@ -226,14 +250,16 @@ def compare_f16(a: Path, b: Path) -> str:
         worst = max(worst, diff)
         worst_rel = max(worst_rel, diff / max(float(np.abs(x).max()), 1e-30))
     return (f"naive vs merge f16 LM: {same}/{len(ta)} tensors bit-identical (the un-adapted ones), "
-            f"max |diff| {worst:.3g} ({worst_rel:.2%} of the tensor's max |w|; PEFT merges in bf16)")
+            f"max |diff| {worst:.3g} ({worst_rel:.2%} of that tensor's max |w|: PEFT adds the delta into the "
+            f"bf16 weight, factedge in float32 before the one rounding to f16)")
 
 
 def _phase_text(phases: list[dict]) -> str:
     return "; ".join(f"{p['phase']} {p['s']:.1f} s ({p['peak_mib']:.0f})" for p in phases)
 
 
-def report(size: str, root: Path, built: dict | None, floors: dict, runs: dict, note: str | None) -> str:
+def report(size: str, root: Path, built: dict | None, floors: dict, runs: dict, quantize: dict | None,
+           note: str | None) -> str:
     text, vision = SIZES[size]
     f16 = lm_f16_mib(text)
     src = _files_mib(root / "sft_model", "*.bin")
@@ -249,16 +275,20 @@ def report(size: str, root: Path, built: dict | None, floors: dict, runs: dict, 
     if built:
         lines.append(f"Building it (train builders, fresh process): {built['process_s']:.0f} s, peak RSS "
                      f"{built['peak_mib']:.0f} MiB ({built['peak_mib'] / f16:.2f}x the LM f16 size).")
-    lines.append(f"Import floor (peak RSS of a process that only imports): factedge {floors['factedge']:.0f} MiB, "
-                 f"+ transformers/peft {floors['naive']:.0f} MiB.")
-    lines += ["", "| mode | wall s (process) | peak RSS MiB (python / llama-quantize) | LM f16 MiB | peak RSS / LM f16 | "
-                  "phases: s (peak RSS MiB so far) |",
-              "|---|---:|---:|---:|---:|---|"]
+    lines.append(f"Import floor (peak RSS of a process that only imports): factedge + torch + gguf "
+                 f"{floors['factedge']:.0f} MiB, + transformers + peft {floors['naive']:.0f} MiB.")
+    lines += ["", "| mode | wall s (process) | peak RSS MiB | LM f16 MiB | peak RSS / LM f16 | "
+                  "(peak - floor) / LM f16 | phases: s (peak RSS MiB of the python process so far) |",
+              "|---|---:|---:|---:|---:|---:|---|"]
     labels = {"merge": "merge (streaming LoRA merge)", "adapter": "adapter (LoRA as runtime GGUF)",
               "naive": "naive (torch.load all + PEFT merge_and_unload)"}
     for mode, r in runs.items():
-        lines.append(f"| {labels[mode]} | {r['wall_s']:.1f} ({r['process_s']:.1f}) | {r['peak_mib']:.0f} ({r['self_peak_mib']:.0f} / "
-                     f"{r['children_peak_mib']:.0f}) | {f16:.0f} | {r['peak_mib'] / f16:.2f} | {_phase_text(r['phases'])} |")
+        floor = floors["naive" if mode == "naive" else "factedge"]
+        lines.append(f"| {labels[mode]} | {r['wall_s']:.1f} ({r['process_s']:.1f}) | {r['peak_mib']:.0f} | {f16:.0f} | "
+                     f"{r['peak_mib'] / f16:.2f} | {(r['peak_mib'] - floor) / f16:.2f} | {_phase_text(r['phases'])} |")
+    if quantize:
+        lines += ["", f"llama-quantize f16 -> Q4_K_M alone (same f16 file, started from the small driver): "
+                      f"{quantize['s']:.1f} s, peak RSS {quantize['peak_mib']:.0f} MiB."]
     if note:
         lines += ["", note]
     return "\n".join(lines)
@@ -270,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of merge,adapter,naive")
     parser.add_argument("--keep", action="store_true", help="keep the converted bundles")
+    parser.add_argument("--no-quantize-alone", action="store_true", help="skip timing llama-quantize on its own")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     if not set(modes) <= set(MODES):
@@ -285,15 +316,18 @@ def main(argv: list[str] | None = None) -> None:
         kind = "naive" if mode == "naive" else "convert"
         runs[mode] = run_child(kind, {"mode": mode, "src": str(root), "dst": str(dsts[mode])}, out)
         print(f"{mode}: {runs[mode]['wall_s']:.1f} s, peak RSS {runs[mode]['peak_mib']:.0f} MiB", flush=True)
-    note = None
+    note, quantize = None, None
+    first = next(iter(dsts.values()), None)
+    if first is not None and not args.no_quantize_alone:
+        quantize = measure_quantize(first / "model-f16.gguf")
     if "merge" in runs and "naive" in runs:
         note = compare_f16(dsts["merge"] / "model-f16.gguf", dsts["naive"] / "model-f16.gguf")
     if not args.keep:
         for dst in dsts.values():
             shutil.rmtree(dst, ignore_errors=True)
     print()
-    print(f"command: python bench/convert_memory.py --size {args.size}  (cpus: {os.cpu_count()})")
-    print(report(args.size, root, built, floors, runs, note))
+    print(f"command: python bench/convert_memory.py {' '.join(sys.argv[1:])}  (cpus: {os.cpu_count()})")
+    print(report(args.size, root, built, floors, runs, quantize, note))
 
 
 if __name__ == "__main__":

@@ -77,3 +77,19 @@ def test_native_dir_override_is_honoured(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         native.native_dir.cache_clear()
+
+
+def test_a_no_change_rebuild_is_a_no_op():
+    """Building twice: the second build compiles, links and reconfigures nothing."""
+    import re
+    import shutil
+
+    build = ROOT / "build" / "native"
+    cmake = shutil.which("cmake")
+    if not (build / "build.ninja").is_file() or cmake is None:
+        pytest.skip("no ninja build folder at build/native (installed from a wheel)")
+    for _ in range(2):
+        proc = subprocess.run([cmake, "--build", str(build)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-1000:]
+    work = [line for line in proc.stdout.splitlines() if re.search(r"Building|Linking|Re-running CMake|extracting", line)]
+    assert work == [], work
