@@ -73,3 +73,7 @@ class FidelityError(FactedgeError):
     """A converted file does not reproduce the PyTorch model within the promised tolerance."""
 
     exit_code = 6
+
+
+class ContextFullError(InputError):
+    """A chat no longer fits the context window (prompt plus room for the answer)."""

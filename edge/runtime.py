@@ -247,7 +247,7 @@ class Context(_Owned):
         outs = []
         for i, seg in enumerate(segments):
             last = i == len(segments) - 1
-            if isinstance(seg, np.ndarray) and seg.dtype != np.int64 and seg.ndim == 2:
+            if isinstance(seg, np.ndarray) and np.issubdtype(seg.dtype, np.floating):
                 outs.append(self._decode(None, seg, all_logits or last))
             else:
                 outs.append(self._decode([int(t) for t in seg], None, all_logits or last))
