@@ -28,17 +28,23 @@ from factedge.edge.inspect import check_bundle, describe_gguf
 @click.option("--n-gpu-layers", type=int, default=0, help="layers to offload (-1: all)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON object (answer, tokens, stats)")
 @click.option("--stats", is_flag=True, help="print load, image-encode and tokens/s figures")
+@click.option("--compare-adapters", is_flag=True,
+              help="answer with the base (SFT) model and with the LoRA adapter (RLHF), side by side")
+@click.option("--adapter-scale", type=float, default=1.0, show_default=True, help="LoRA scale in [0, 1]")
 def ask(question, model, image, mmproj, adapter, quant, temperature, top_p, top_k, max_tokens, seed, threads,
-        n_gpu_layers, as_json, stats):
+        n_gpu_layers, as_json, stats, compare_adapters, adapter_scale):
     """Answer QUESTION about --image with a converted model."""
     from factedge.edge.sampling import SamplingOptions
     from factedge.edge.session import ChatOptions, VisionChat
 
     sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
-    options = ChatOptions(threads=threads, n_gpu_layers=n_gpu_layers, sampling=sampling)
+    options = ChatOptions(threads=threads, n_gpu_layers=n_gpu_layers, sampling=sampling, adapter_scale=adapter_scale)
     bundle = model if model.is_dir() else None
     with VisionChat.open(bundle, model=None if bundle else model, mmproj=mmproj, adapter=adapter, quant=quant,
                          options=options) as chat:
+        if compare_adapters:
+            _compare(chat, question, image, adapter_scale, as_json, stats)
+            return
         answer = chat.ask(question, image)
     figures = {**asdict(answer.stats), "prompt_tps": answer.stats.prompt_tps, "generate_tps": answer.stats.generate_tps}
     if as_json:
@@ -50,6 +56,38 @@ def ask(question, model, image, mmproj, adapter, quant, temperature, top_p, top_
         s = answer.stats
         click.echo(f"load {s.load_s:.2f} s | image encode {s.image_encode_s:.2f} s | prompt {s.prompt_tokens} tok "
                    f"{s.prompt_tps:.1f} tok/s | generation {s.generated_tokens} tok {s.generate_tps:.1f} tok/s", err=True)
+
+
+def _compare(chat, question, image, scale, as_json, stats) -> None:
+    """--compare-adapters: one ChatSession, the image encoded once, two answers."""
+    from factedge.edge.adapters import compare_adapters
+    from factedge.edge.chat import ChatSession, SessionOptions
+
+    with ChatSession(chat, SessionOptions(n_ctx=chat.options.n_ctx)) as session:
+        result = compare_adapters(session, question, image, scale=scale)
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+        return
+    click.echo(side_by_side(("base (SFT)", result.base.text), (f"adapter x{scale:g} (RLHF)", result.adapter.text)))
+    if stats:
+        for name, a in (("base", result.base), ("adapter", result.adapter)):
+            s = a.stats
+            click.echo(f"{name}: image encode {s.image_encode_s:.2f} s | prompt {s.prompt_tokens} tok "
+                       f"{s.prompt_tps:.1f} tok/s | generation {s.generated_tokens} tok {s.generate_tps:.1f} tok/s",
+                       err=True)
+
+
+def side_by_side(left: tuple[str, str], right: tuple[str, str], width: int | None = None) -> str:
+    """Two titled texts in two columns (wrapped), for comparing answers at a glance."""
+    import shutil
+    import textwrap
+
+    width = width or min(shutil.get_terminal_size((100, 24)).columns, 160)
+    col = max((width - 3) // 2, 20)
+    cols = [[title, "-" * min(len(title), col)] + (textwrap.wrap(text, col) or [""]) for title, text in (left, right)]
+    rows = max(len(c) for c in cols)
+    cols = [c + [""] * (rows - len(c)) for c in cols]
+    return "\n".join(f"{a:<{col}} | {b}".rstrip() for a, b in zip(*cols))
 
 
 @click.command()

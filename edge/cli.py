@@ -16,18 +16,22 @@ from factedge.edge.errors import FactedgeError
 # command name -> "module:attribute"
 LAZY_COMMANDS = {
     "ask": "factedge.edge.ask_cli:ask",
+    "chat": "factedge.edge.chat_cli:chat",
     "convert": "factedge.convert.cli:convert",
     "inspect": "factedge.edge.ask_cli:inspect",
     "verify": "factedge.convert.cli:verify",
     "demo": "factedge.train.demo_cli:demo",
+    "serve": "factedge.edge.serve_cli:serve",
 }
 # what `factedge --help` lists, without importing the commands (which would pull torch and llama.cpp)
 SHORT_HELP = {
     "ask": "Answer a question about an image with a converted model.",
+    "chat": "Chat interactively (multi-turn, streaming) with a converted model about images.",
     "convert": "Convert a LLaVA / LLaVA-RLHF checkpoint (or a batch) into a GGUF bundle.",
     "inspect": "Show what a GGUF file or a bundle holds, and whether its files pair.",
     "verify": "Compare a bundle's GGUF files with the PyTorch checkpoint.",
     "demo": "Convert, verify and chat with a tiny LLaVA-RLHF-layout model.",
+    "serve": "Serve a converted model over an OpenAI-compatible HTTP API (loopback by default).",
 }
 
 

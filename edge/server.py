@@ -1,0 +1,245 @@
+"""A small OpenAI-compatible HTTP server (stdlib only) over one loaded VisionChat.
+
+`/v1/models` and `/v1/chat/completions` (JSON or SSE). One generation at a time runs on the model
+(a lock); at most `max_queue` more requests wait, later ones get 429 at once, so no client hangs on an
+unbounded queue. Loopback by default; an optional Bearer key; bodies over `max_request_bytes` get 413.
+The server never prints (the http.server log goes to `log`, default silent); serve_cli talks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import socket
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from factedge.edge.chat import ChatSession, SessionOptions
+from factedge.edge.errors import ConfigError, FactedgeError, InputError
+from factedge.edge.openai_api import create_chat_completion, model_id
+from factedge.edge.session import VisionChat
+
+_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "repeat_penalty")
+_DRAIN_LIMIT = 16 << 20  # an oversized body is read (and dropped) up to this, so the 413 reaches the client
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0: an ephemeral port (see ChatServer.port)
+    api_key: str | None = None
+    max_request_bytes: int = 32 << 20  # images arrive as data: URIs
+    max_queue: int = 4  # requests allowed to wait while one generates
+    queue_timeout_s: float = 300.0  # a waiting request gives up with 503 after this
+    session: SessionOptions | None = None  # the server's ChatSession (KV prefix reuse across requests)
+
+    def check(self) -> "ServerOptions":
+        if self.max_request_bytes < 1 or self.max_queue < 0 or self.queue_timeout_s <= 0:
+            raise ConfigError("max_request_bytes must be >= 1, max_queue >= 0 and queue_timeout_s > 0")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, not {self.port}")
+        return self
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+class ChatServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer holding the model, its ChatSession, the generation lock and the queue."""
+
+    daemon_threads = True
+
+    def __init__(self, chat: VisionChat, options: ServerOptions | None = None, *, model: str | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.options = (options or ServerOptions()).check()
+        self.chat = chat
+        self.model_name = model or model_id(chat)
+        self.log = log
+        self.session = ChatSession(chat, self.options.session or SessionOptions(n_ctx=chat.options.n_ctx))
+        self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(self.options.max_queue + 1)  # running + waiting
+        if ":" in self.options.host:  # an IPv6 literal such as ::1
+            self.address_family = socket.AF_INET6
+        try:
+            super().__init__((self.options.host, self.options.port), _Handler)
+        except OSError as exc:
+            self.session.close()
+            raise ConfigError(f"cannot listen on {self.options.host}:{self.options.port}: {exc.strerror or exc}") from exc
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self.lock:  # wait for a running generation before freeing its KV cache
+            self.session.close()
+
+
+def start_in_thread(server: ChatServer) -> threading.Thread:
+    """Serve in a daemon thread (tests, notebooks); stop with server.shutdown(); server.server_close()."""
+    thread = threading.Thread(target=server.serve_forever, name="factedge-server", daemon=True)
+    thread.start()
+    return thread
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ChatServer
+    server_version = "factedge"
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 (http.server's name)
+        if self.server.log:
+            self.server.log(f"{self.address_string()} {format % args}")
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._handle(lambda: self._models() if self.path.rstrip("/") == "/v1/models" else self._not_found())
+
+    def do_POST(self) -> None:
+        self._handle(lambda: self._completions() if self.path.rstrip("/") == "/v1/chat/completions"
+                     else self._not_found())
+
+    def _handle(self, route: Callable[[], None]) -> None:
+        self._consumed = False  # whether the request body has been read
+        try:
+            self._authorize()
+            route()
+        except HTTPError as exc:
+            self._send_error(exc)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _not_found(self) -> None:
+        raise HTTPError(404, f"no route {self.command} {self.path}", code="not_found")
+
+    def _authorize(self) -> None:
+        key = self.server.options.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), key.encode())):
+            raise HTTPError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                            "authentication_error", "invalid_api_key")
+
+    # -- endpoints -----------------------------------------------------------------------------
+
+    def _models(self) -> None:
+        self._send_json(200, {"object": "list", "data": [
+            {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "factedge"}]})
+
+    def _completions(self) -> None:
+        body = self._read_json()
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise HTTPError(400, "stream must be true or false", code="invalid_value")
+        if body.get("n", 1) != 1:
+            raise HTTPError(400, "only n=1 is supported", code="invalid_value")
+        params = {k: body[k] for k in _PARAMS if body.get(k) is not None}
+        if "max_tokens" not in params and body.get("max_completion_tokens") is not None:
+            params["max_tokens"] = body["max_completion_tokens"]
+        server = self.server
+        if not server.slots.acquire(blocking=False):
+            raise HTTPError(429, "the server is busy (generation queue full); retry later", "rate_limit_error",
+                            "queue_full")
+        try:
+            if not server.lock.acquire(timeout=server.options.queue_timeout_s):
+                raise HTTPError(503, "timed out waiting for the model", "server_error", "queue_timeout")
+            try:
+                self._generate(body.get("messages"), stream, params)
+            finally:
+                server.lock.release()
+        finally:
+            server.slots.release()
+
+    def _generate(self, messages, stream: bool, params: dict) -> None:
+        server = self.server
+        try:
+            result = create_chat_completion(server.chat, messages, stream=stream, model=server.model_name,
+                                            session=server.session, **params)
+        except (InputError, ConfigError) as exc:
+            raise HTTPError(400, exc.one_line(), code=type(exc).__name__) from exc
+        except FactedgeError as exc:
+            raise HTTPError(500, exc.one_line(), "server_error", type(exc).__name__) from exc
+        if not stream:
+            self._send_json(200, result)
+            return
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            for chunk in result:
+                self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except FactedgeError as exc:  # mid-stream: the status is sent; report in the stream
+            err = {"error": {"message": exc.one_line(), "type": "server_error", "param": None, "code": None}}
+            self.wfile.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+        finally:
+            result.close()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _read_json(self) -> dict:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise HTTPError(411, "chunked bodies are not supported; send Content-Length")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise HTTPError(411, "a Content-Length header is required") from None
+        limit = self.server.options.max_request_bytes
+        if length > limit:
+            self._drain(length)
+            raise HTTPError(413, f"request body of {length} bytes is over the {limit} byte limit",
+                            code="request_too_large")
+        self._consumed = True
+        try:
+            body = json.loads(self.rfile.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HTTPError(400, f"malformed JSON body: {exc}", code="invalid_json") from exc
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the JSON body must be an object", code="invalid_json")
+        return body
+
+    def _drain(self, length: int) -> None:
+        """Read and drop a body we refuse: closing on unread data would reset the socket under our reply."""
+        self._consumed = True
+        self.close_connection = True
+        left = min(length, _DRAIN_LIMIT)
+        while left > 0:
+            got = self.rfile.read(min(left, 1 << 16))
+            if not got:
+                break
+            left -= len(got)
+
+    def _send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, exc: HTTPError) -> None:
+        if not self._consumed:
+            try:
+                self._drain(int(self.headers.get("Content-Length") or 0))
+            except ValueError:
+                self.close_connection = True
+        payload = {"error": {"message": exc.message, "type": exc.kind, "param": None, "code": exc.code}}
+        try:
+            self._send_json(exc.status, payload)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+
+__all__ = ["ChatServer", "ServerOptions", "start_in_thread"]
