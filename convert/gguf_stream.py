@@ -68,6 +68,13 @@ def to_numpy(tensor, qtype) -> np.ndarray:
     return tensor.to(torch_dtype).contiguous().numpy()
 
 
+def all_finite(array: np.ndarray, chunk_rows: int = 1024) -> bool:
+    """np.isfinite over row blocks: a whole-matrix check would allocate a mask (and, through torch,
+    a float32 copy) as large as the biggest tensor, doubling the streaming writer's peak memory."""
+    rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+    return all(bool(np.isfinite(rows[i:i + chunk_rows]).all()) for i in range(0, rows.shape[0], chunk_rows))
+
+
 def set_kv(writer, key: str, value: Any) -> None:
     """Add a metadata value, typed from the Python value (bool, int, float, str, list of those)."""
     from gguf import GGUFValueType as V

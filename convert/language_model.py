@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from factedge.convert.gguf_stream import PlannedTensor, Progress, add_provenance, to_numpy, write_gguf
+from factedge.convert.gguf_stream import PlannedTensor, Progress, add_provenance, all_finite, to_numpy, write_gguf
 from factedge.convert.shapes import lm_shapes
 from factedge.convert.specs import Checkpoint, LazyTensors, TextSpec
 from factedge.convert.tensor_names import LM_TENSORS, gguf_name, is_rope_permuted
@@ -53,15 +53,13 @@ def qk_heads(gguf_tensor: str, text: TextSpec) -> int | None:
 
 def _producer(load, name: str, shape: tuple[int, ...], heads: int | None, qtype, check_finite: bool):
     def produce():
-        import torch
-
         tensor = load()
         if tuple(tensor.shape) != shape:
             raise MismatchError(f"tensor {name}: shape {list(tensor.shape)}, the config implies {list(shape)}")
         if heads is not None:
             tensor = permute_qk(tensor, heads)
         array = to_numpy(tensor, qtype)
-        if check_finite and not torch.isfinite(torch.from_numpy(array)).all():
+        if check_finite and not all_finite(array):
             raise NumericsError(f"tensor {name} is not finite after conversion (f16 overflow?)")
         return array
 

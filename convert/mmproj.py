@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from typing import Any
 
-from factedge.convert.gguf_stream import PlannedTensor, Progress, add_provenance, to_numpy, write_gguf
+from factedge.convert.gguf_stream import PlannedTensor, Progress, add_provenance, all_finite, to_numpy, write_gguf
 from factedge.convert.shapes import projector_shapes, vision_shapes
 from factedge.convert.specs import Checkpoint, VisionSpec
 from factedge.convert.tensor_names import PROJECTOR_TENSORS, VISION_TENSORS, gguf_name
@@ -79,8 +79,8 @@ def _producer(load, name: str, shape: tuple[int, ...], qtype):
         if tuple(tensor.shape) != shape:
             raise MismatchError(f"tensor {name}: shape {list(tensor.shape)}, the config implies {list(shape)}")
         array = to_numpy(tensor, qtype)
-        values = tensor if array.dtype == np.uint8 else torch.from_numpy(array)  # quantized: check the input
-        if not torch.isfinite(values).all():
+        finite = bool(torch.isfinite(tensor).all()) if array.dtype == np.uint8 else all_finite(array)  # q8_0: the input
+        if not finite:
             raise NumericsError(f"tensor {name} is not finite after conversion (f16 overflow?)")
         return array
 

@@ -51,3 +51,36 @@ def tiny_llava_linear() -> TinyCheckpoint:
 def tiny_llava_rlhf() -> TinyCheckpoint:
     """LLaVA-RLHF root: sft_model/ (bf16, linear), rlhf_lora_adapter_model/ (.bin), CLIP, 224 px."""
     return cached_tiny("llava-rlhf", image_size=224)
+
+
+@pytest.fixture(scope="session")
+def native_tools():
+    """The patched llama.cpp build (llama-quantize path); tests that need it skip cleanly without it."""
+    from factedge.edge.errors import NativeError
+    from factedge.edge.native import tool
+
+    try:
+        return tool("llama-quantize")
+    except NativeError as exc:
+        pytest.skip(f"native llama.cpp build not available: {exc.reason}")
+
+
+@pytest.fixture(scope="session")
+def make_bundle(tmp_path_factory, native_tools):
+    """`make_bundle(tiny, name=None, **ConvertOptions fields) -> bundle folder`, converted once per
+    session for each distinct request (defaults: quants ["Q8_0"], no verification)."""
+    from pathlib import Path
+
+    from factedge.convert.bundle import ConvertOptions, convert_checkpoint
+
+    made: dict = {}
+
+    def make(tiny: TinyCheckpoint, name: str | None = None, **options) -> Path:
+        key = (str(tiny.root), name, tuple(sorted((k, str(v)) for k, v in options.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp("bundle") / (name or Path(tiny.root).name)
+            convert_checkpoint(Path(tiny.root), out, ConvertOptions(**{"quants": ["Q8_0"], "verify": False, **options}))
+            made[key] = out
+        return made[key]
+
+    return make

@@ -14,18 +14,13 @@ import pytest
 
 from factedge.convert.batch import read_batch, run_batch, up_to_date
 from factedge.edge.cli import run
-from factedge.edge.errors import ConfigError, InputError, NativeError
+from factedge.edge.errors import ConfigError, InputError
 from factedge.edge.manifest import MANIFEST, read_manifest, sha256_file
 
 
-@pytest.fixture(scope="session", autouse=True)  # session: before the tiny checkpoints (they need its vocab)
-def native():
-    from factedge.edge.native import tool
-
-    try:
-        return tool("llama-quantize")
-    except NativeError as exc:
-        pytest.skip(f"native llama.cpp build not available: {exc.reason}")
+@pytest.fixture(scope="session", autouse=True)  # before the tiny checkpoints (they need its vocab)
+def native(native_tools):
+    return native_tools
 
 
 @pytest.fixture

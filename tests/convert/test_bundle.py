@@ -31,14 +31,9 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="session", autouse=True)  # session: before the tiny checkpoints (they need its vocab)
-def native():
-    from factedge.edge.native import tool
-
-    try:
-        return tool("llama-quantize")
-    except NativeError as exc:
-        pytest.skip(f"native llama.cpp build not available: {exc.reason}")
+@pytest.fixture(scope="session", autouse=True)  # before the tiny checkpoints (they need its vocab)
+def native(native_tools):
+    return native_tools
 
 
 @pytest.fixture(scope="module")

@@ -23,21 +23,15 @@ import pytest
 import torch
 
 from factedge.edge.cli import run
-from factedge.edge.errors import NativeError
 from factedge.edge.gguf_header import read_header
 from factedge.edge.manifest import read_manifest
 
 FAST = ["--quant", "Q8_0", "--no-verify"]
 
 
-@pytest.fixture(scope="session", autouse=True)  # session: before the tiny checkpoints (they need its vocab)
-def native():
-    from factedge.edge.native import tool
-
-    try:
-        return tool("llama-quantize")
-    except NativeError as exc:
-        pytest.skip(f"native llama.cpp build not available: {exc.reason}")
+@pytest.fixture(scope="session", autouse=True)  # before the tiny checkpoints (they need its vocab)
+def native(native_tools):
+    return native_tools
 
 
 @dataclass

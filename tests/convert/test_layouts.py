@@ -104,7 +104,7 @@ def test_llava_rlhf(rlhf_dir):
     assert ckpt.layout == "llava-rlhf" and ckpt.root == rlhf_dir and ckpt.projector_type == "linear"
     assert ckpt.adapter_dir == rlhf_dir / "rlhf_lora_adapter_model"
     assert ckpt.tokenizer_dir == rlhf_dir / "sft_model"
-    text, vision = tw.tiny_text(), tw.tiny_vision()
+    text = tw.tiny_text()
     _assert_same(_materialise(ckpt.lm_tensors()), tw.text_weights(text, 0), torch.bfloat16)
     assert list(dict(ckpt.projector_tensors())) == list(projector_shapes("linear", 64, 256))
     assert any(p.name == "adapter_model.bin" for p in ckpt.source_files)

@@ -7,32 +7,20 @@ Needs the patched native build; skipped without it.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from factedge.edge.errors import ConfigError, NativeError
+from factedge.edge.errors import ConfigError
 
 MAX_TOKENS = 8
 Q1, Q2 = "What is in this picture?", "And what colour is it?"
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_llava_rlhf):
-    from factedge.edge.native import tool
-
-    try:
-        tool("llama-quantize")
-    except NativeError as exc:
-        pytest.skip(f"native llama.cpp build not available: {exc.reason}")
-    from factedge.convert.bundle import ConvertOptions, convert_checkpoint
-
-    out = tmp_path_factory.mktemp("adapters") / "bundle"
-    convert_checkpoint(Path(tiny_llava_rlhf.root), out,
-                       ConvertOptions(quants=["Q8_0"], lora_mode="adapter", verify=False))
-    return out
+def bundle(make_bundle, tiny_llava_rlhf):
+    return make_bundle(tiny_llava_rlhf, lora_mode="adapter")
 
 
 def _open(bundle, with_adapter: bool):

@@ -7,36 +7,28 @@ Needs the patched native build; skipped without it.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from factedge.edge.errors import ContextFullError, InputError, NativeError
+from factedge.edge.errors import ContextFullError, InputError
 
 SAMPLING_MAX = 8
 Q1, Q2, Q3 = "What is in this picture?", "And what colour is it?", "Is it big?"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def native():
-    from factedge.edge.native import tool
-
-    try:
-        return tool("llama-quantize")
-    except NativeError as exc:
-        pytest.skip(f"native llama.cpp build not available: {exc.reason}")
+@pytest.fixture(scope="session", autouse=True)  # before the tiny checkpoints (they need its vocab)
+def native(native_tools):
+    return native_tools
 
 
 @pytest.fixture(scope="module")
-def vision(tmp_path_factory, tiny_llava_hf, native):
-    from factedge.convert.bundle import ConvertOptions, convert_checkpoint
+def vision(make_bundle, tiny_llava_hf):
     from factedge.edge.sampling import SamplingOptions
     from factedge.edge.session import ChatOptions, VisionChat
 
-    out = tmp_path_factory.mktemp("chat") / "bundle"
-    convert_checkpoint(Path(tiny_llava_hf.root), out, ConvertOptions(quants=["Q8_0"], verify=False))
+    out = make_bundle(tiny_llava_hf)
     with VisionChat.open(out, options=ChatOptions(n_ctx=512, threads=1,
                                                   sampling=SamplingOptions(max_tokens=SAMPLING_MAX))) as vc:
         yield vc

@@ -15,26 +15,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from factedge.edge.errors import NativeError
 
 MAX_TOKENS = 8
 Q1, Q2, Q3 = "What is in this picture?", "And what colour is it?", "Still there?"
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_llava_rlhf):
-    from factedge.edge.native import tool
-
-    try:
-        tool("llama-quantize")
-    except NativeError as exc:
-        pytest.skip(f"native llama.cpp build not available: {exc.reason}")
-    from factedge.convert.bundle import ConvertOptions, convert_checkpoint
-
-    out = tmp_path_factory.mktemp("repl") / "bundle"
-    convert_checkpoint(Path(tiny_llava_rlhf.root), out,
-                       ConvertOptions(quants=["Q8_0"], lora_mode="adapter", verify=False))
-    return out
+def bundle(make_bundle, tiny_llava_rlhf):
+    return make_bundle(tiny_llava_rlhf, lora_mode="adapter")
 
 
 @pytest.fixture(scope="module")

@@ -13,26 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factedge.edge.errors import InputError, NativeError
+from factedge.edge.errors import InputError
 
 MAX = 8
 EXACT = {"n_ctx": 1024, "kv_type": "f32", "n_batch": 32}  # batch-shape independent numerics (see test_chat)
 
 
 @pytest.fixture(scope="module")
-def vision(tmp_path_factory, tiny_llava_rlhf):
-    from factedge.edge.native import tool
-
-    try:
-        tool("llama-quantize")
-    except NativeError as exc:
-        pytest.skip(f"native llama.cpp build not available: {exc.reason}")
-    from factedge.convert.bundle import ConvertOptions, convert_checkpoint
+def vision(make_bundle, tiny_llava_rlhf):
     from factedge.edge.sampling import SamplingOptions
     from factedge.edge.session import ChatOptions, VisionChat
 
-    out = tmp_path_factory.mktemp("oai") / "tiny-rlhf"
-    convert_checkpoint(Path(tiny_llava_rlhf.root), out, ConvertOptions(quants=["Q8_0"], verify=False))
+    out = make_bundle(tiny_llava_rlhf, name="tiny-rlhf")
     with VisionChat.open(out, options=ChatOptions(n_ctx=1024, threads=1, sampling=SamplingOptions(max_tokens=MAX))) as vc:
         yield vc
 
