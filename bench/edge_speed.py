@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -70,7 +68,7 @@ def build_bundle(scratch: Path) -> Path:
     out = scratch / "bundle_tiny336"
     if not (out / "manifest.json").is_file():
         ckpt = cached_tiny("llava-hf", image_size=336)
-        convert_checkpoint(Path(ckpt.path if hasattr(ckpt, "path") else ckpt.root), out,
+        convert_checkpoint(Path(ckpt.root), out,
                            ConvertOptions(quants=["Q8_0", "Q4_K_M"], verify=False))
     return out
 
@@ -203,12 +201,13 @@ def lcp_two_turns(files: Files, image: Path, args, llama_cpp) -> tuple[float, fl
 
 
 def bench_second_turn(files: Files, image: Path, args) -> str:
+    from factedge.edge.errors import FactedgeError
     from factedge.edge.native import load_llama_cpp
 
     llama_cpp, lcp_error = None, None
     try:
         llama_cpp = load_llama_cpp()
-    except Exception as exc:  # noqa: BLE001  (any import failure is a result to report, not a crash)
+    except (ImportError, OSError, RuntimeError, FactedgeError) as exc:  # a result to report, not a crash
         lcp_error = f"{type(exc).__name__}: {exc}"
     fe, lcp, info = [], [], {}
     for _ in range(args.reps):
@@ -217,7 +216,7 @@ def bench_second_turn(files: Files, image: Path, args) -> str:
         if llama_cpp is not None and lcp_error is None:
             try:
                 lcp.append(lcp_two_turns(files, image, args, llama_cpp))
-            except Exception as exc:  # noqa: BLE001  (reported verbatim in the table)
+            except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:  # reported in the table
                 lcp_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     rows = ["| runtime | TTFT turn 1 ms | TTFT turn 2 ms | turn2/turn1 |", "|---|---:|---:|---:|"]
     for name, pairs in (("factedge ChatSession", fe), ("llama-cpp-python Llava15ChatHandler", lcp)):
