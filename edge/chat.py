@@ -2,9 +2,14 @@
 
 The KV cache is described position by position (a token id, or an image content hash and row), so a
 new turn keeps the longest common prefix with the freshly rendered prompt and feeds only the rest:
-KV reuse is an optimisation that can never change the answer. Images are keyed by a hash of their
-prepared pixels and kept in a small LRU, so an image is encoded once however it is given.
-The prompt is always rendered from the whole history by `edge.prompt` (the one template).
+KV reuse is an optimisation that never changes the answer for the same prompt ids. Images are keyed
+by a hash of their prepared pixels and kept in a small LRU, so an image is encoded once however given.
+The prompt is always rendered from the whole history by `edge.prompt` (the one template), except
+that a generated answer is spliced in as the token ids it was generated as, not re-tokenised: the
+model need not generate the tokenizer's own spelling of its text (" rx" + "ed" vs " rxed"), which would
+end the common prefix inside the previous answer and re-evaluate it. The ids are used only when they
+spell exactly " " + the answer text (trailing whitespace or a cut stop string trimmed off), so the
+prompt text is always the template's and only the answer's spelling may differ from a fresh session's.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class ChatTurn:
     images: list[ChatImage] = field(default_factory=list)
     assistant: str | None = None
     stats: TurnStats | None = None
+    answer_ids: list[int] | None = None  # generated ids spelling " " + assistant, as fed to the KV cache
 
 
 class _TextStream:
@@ -203,8 +209,7 @@ class ChatSession:
         all_turns = turns + ([pending] if pending else [])
         done = [Turn(t.user, t.assistant or "", len(t.images)) for t in turns]  # "": an abandoned stream
         conv = Conversation(self.options.system, done + ([Turn(pending.user, None, len(pending.images))] if pending else []))
-        # special=True: the template's "</s>" is the EOS token, as LLaVA's HF tokenizer reads it
-        pieces = split_at_images(conv.text(), lambda s, bos: self.model.tokenize(s, add_bos=bos, special=True))
+        pieces = self._tokenize(conv.text(), self._spliced(done, turns))
         images = [im for t in all_turns for im in t.images]
         if count_images(pieces) != len(images):
             raise InputError("a message must not contain the image marker '<image>' itself")
@@ -220,6 +225,35 @@ class ChatSession:
                 keys.extend(piece)
                 segments.append(piece)
         return keys, segments
+
+    def _spliced(self, done: list[Turn], turns: list[ChatTurn]) -> list[tuple[int, int, list[int]]]:
+        """(start, end, ids): spans of the prompt text that are generated answers with known ids.
+
+        A turn's answer starts right after the prompt that asked it ("... ASSISTANT:"); its ids spell
+        the template's separator space and the answer, and end before the turn's "</s>"."""
+        spans = []
+        for i, t in enumerate(turns):
+            if t.answer_ids:
+                asked = Conversation(self.options.system, done[:i] + [replace(done[i], assistant=None)]).text()
+                spans.append((len(asked), len(asked) + 1 + len(done[i].assistant), t.answer_ids))
+        return spans
+
+    def _tokenize(self, text: str, spliced: list[tuple[int, int, list[int]]]) -> list[list[int] | None]:
+        """Token-id pieces (None = an image) of the prompt text, known answer ids spliced in.
+
+        The text around an answer is cut at "ASSISTANT:" and at the special "</s>" that follows: llama.cpp
+        splits its text at special tokens anyway, so only the answer's own spelling can differ from
+        tokenising the whole text (the template's ':' and ' ' never merge into one SPM piece)."""
+        # special=True: the template's "</s>" is the EOS token, as LLaVA's HF tokenizer reads it
+        pieces, pos = [], 0
+        for start, end, ids in spliced + [(len(text), len(text), [])]:
+            first = pos == 0
+            pieces += split_at_images(text[pos:start], lambda s, bos: self.model.tokenize(s, add_bos=bos and first,
+                                                                                       special=True))
+            if ids:
+                pieces.append(list(ids))
+            pos = end
+        return pieces
 
     def _fit(self, pending: ChatTurn, reserve: int, stats: TurnStats) -> tuple[list, list]:
         """Render the prompt with room for `reserve` new tokens, applying the overflow policy.
@@ -285,6 +319,7 @@ class ChatSession:
         sampler = Sampler(sampling, self.model.n_vocab)
         text = _TextStream(sampling.stop)
         tokens: list[int] = []
+        fed: list[int] = []
         reason = "length"
         start = time.perf_counter()
         try:
@@ -300,6 +335,7 @@ class ChatSession:
                     break
                 self.ctx.feed([[tok]])
                 self._kv.append(tok)
+                fed.append(tok)
                 if piece:
                     yield piece
             tail = text.finish()
@@ -310,6 +346,7 @@ class ChatSession:
             stats.generate_s = time.perf_counter() - start
             stats.generated_tokens = len(tokens)
             turn.assistant = text.text.strip()
+            turn.answer_ids = _spelling(fed, turn.assistant, self.model.piece)
             if self._epoch == epoch:  # a stale stream does not overwrite the newer turn's answer
                 self.last_answer = Answer(turn.assistant, tokens, stats, reason)
 
@@ -330,6 +367,23 @@ def _as_list(image) -> list:
     if isinstance(image, (list, tuple)):
         return list(image)
     return [image]
+
+
+def _spelling(ids: list[int], answer: str, piece) -> list[int] | None:
+    """The longest prefix of `ids` whose pieces spell exactly " " + `answer` (None: none does).
+
+    Generation may feed more than the answer keeps (whitespace stripped, part of a stop string): those
+    ids are left out, so the next prompt reads "ASSISTANT: <answer></s>" as the template writes it.
+    A first token without a leading space ("ASSISTANT:rx", seen from random tiny models, not from a
+    trained LLaVA's "▁The") gives None: its text differs from the template's, so it is re-tokenised."""
+    target, acc, best = (" " + answer).encode("utf-8"), b"", None
+    for k, tok in enumerate(ids, 1):
+        acc += piece(tok)
+        if not target.startswith(acc):
+            break
+        if len(acc) == len(target):
+            best = k
+    return ids[:best] if best else None
 
 
 def _common_prefix(a: Sequence, b: Sequence) -> int:

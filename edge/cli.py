@@ -30,7 +30,7 @@ SHORT_HELP = {
     "convert": "Convert a LLaVA / LLaVA-RLHF checkpoint (or a batch) into a GGUF bundle.",
     "inspect": "Show what a GGUF file or a bundle holds, and whether its files pair.",
     "verify": "Compare a bundle's GGUF files with the PyTorch checkpoint.",
-    "demo": "Convert, verify and chat with a tiny LLaVA-RLHF-layout model.",
+    "demo": "Convert and verify a tiny LLaVA-RLHF-layout model, then ask it about an image.",
     "serve": "Serve a converted model over an OpenAI-compatible HTTP API (loopback by default).",
 }
 

@@ -93,6 +93,75 @@ def test_second_turn_evaluates_only_the_new_turn(session, vision, encode_calls):
     assert t2.prompt_tps > 0 and t2.generated_tokens == len(a2.tokens) > 0
 
 
+@pytest.fixture
+def scripted(monkeypatch):
+    """Makes the next answer the given ids then EOS (a random tiny model's first token has no leading
+    space, unlike a trained LLaVA's "▁The"); later answers are sampled as usual."""
+    from factedge.edge import chat
+
+    real = chat.Sampler
+
+    def script(ids):
+        class Scripted(real):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                self.left = list(ids) + [2]  # 2: EOS
+
+            def sample(self, ptr):
+                return self.left.pop(0)
+
+        monkeypatch.setattr(chat, "Sampler", Scripted)
+        return lambda: monkeypatch.setattr(chat, "Sampler", real)
+
+    return script
+
+
+@pytest.mark.parametrize("spelling", ["canonical", "letters"])
+def test_second_turn_reuses_the_whole_previous_turn(session, vision, scripted, spelling):
+    """The previous answer is spliced in as the ids it was generated as: turn 2 evaluates exactly
+    "</s>USER: <q> ASSISTANT:", and equals a fresh session when the answer re-tokenises the same."""
+    from factedge.edge.sampling import SamplingOptions
+
+    tok = vision.model.tokenize
+    text = " The cat sat on a red mat."
+    by_piece = {}
+    for i in range(vision.model.n_vocab):
+        by_piece.setdefault(vision.model.piece(i), i)
+    ids = tok(text.strip()) if spelling == "canonical" else [by_piece[ch.encode()] for ch in text]
+    assert b"".join(vision.model.piece(t) for t in ids) == text.encode()
+    img = _image(0)
+    s = session()
+    done = scripted(ids)
+    a1 = s.ask(Q1, img, SamplingOptions(max_tokens=len(ids) + 1))
+    done()
+    assert (a1.text, a1.tokens, s.turns[0].answer_ids) == (text.strip(), ids, ids)
+    before = list(s._kv)
+    a2 = s.ask(Q2)
+    new_turn = tok(f"</s>USER: {Q2} ASSISTANT:")
+    assert a2.stats.prompt_reused == len(before) == a1.stats.prompt_total + len(ids)
+    assert a2.stats.prompt_tokens == len(new_turn) and s._kv[len(before):len(before) + len(new_turn)] == new_turn
+    fresh = session()
+    fresh.add_turn(Q1, a1.text, img)  # re-tokenised
+    b2 = fresh.ask(Q2)
+    if spelling == "canonical":  # same history, same ids: the same answer
+        assert fresh._kv == s._kv and b2.tokens == a2.tokens and b2.text == a2.text
+    else:  # only the previous answer's spelling differs
+        assert len(fresh._kv) - len(b2.tokens) == len(s._kv) - len(a2.tokens) - len(ids) + len(tok(text.strip()))
+
+
+def test_spelling_keeps_only_ids_that_spell_the_answer():
+    from factedge.edge.chat import _spelling
+
+    pieces = {1: b" The", 2: b" cat", 3: b".", 4: b"\n", 5: b" EN", 6: b"D", 7: b"  ", 8: b"rx"}
+    piece = pieces.__getitem__
+    assert _spelling([1, 2, 3], "The cat.", piece) == [1, 2, 3]
+    assert _spelling([1, 2, 3, 4], "The cat.", piece) == [1, 2, 3]  # trailing newline stripped
+    assert _spelling([1, 2, 5], "The cat", piece) == [1, 2]  # stop string "END" cut the answer
+    assert _spelling([8, 2], "rx cat", piece) is None  # no leading space: the template's text differs
+    assert _spelling([7, 1], "The", piece) is None  # extra leading space: re-tokenise the text
+    assert _spelling([], "", piece) is None
+
+
 def test_kv_reuse_changes_nothing(session):
     img = _image(0)
     s = session()
