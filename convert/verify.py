@@ -179,8 +179,25 @@ def _best(mmprojs: dict[str, Path]) -> str:
     return next(iter(mmprojs))
 
 
+def default_tokenizer_texts() -> list[str]:
+    """llama.cpp's SPM tokenizer test texts (shipped with the native build): unicode, spaces, digits."""
+    from factedge.edge.errors import FactedgeError
+    from factedge.edge.native import spm_vocab
+    from factedge.edge.tokenizer_vectors import read_test_vectors
+
+    try:
+        return [text for text, _ in read_test_vectors(spm_vocab())]
+    except FactedgeError:
+        return []
+
+
 def verify_bundle(bundle: Path, ckpt: Checkpoint, options: VerifyOptions | None = None,
-                  tokenizer_texts: Sequence[str] = ()) -> tuple[Manifest, VerifyReport]:
+                  tokenizer_texts: Sequence[str] | None = None) -> tuple[Manifest, VerifyReport]:
+    """Everything `factedge verify` reports for a bundle; the tokenizer is checked against the
+    checkpoint's own HF tokenizer on llama.cpp's test texts unless other texts are given."""
+    bundle = Path(bundle)
+    if tokenizer_texts is None:
+        tokenizer_texts = default_tokenizer_texts()
     manifest = read_manifest(bundle)
     files = {f.dtype: bundle / f.name for f in manifest.by_role("model")}
     mmprojs = {f.dtype: bundle / f.name for f in manifest.by_role("mmproj")}

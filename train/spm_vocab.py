@@ -16,7 +16,6 @@ from pathlib import Path
 from factedge.edge.errors import CorruptFileError, InputError, NativeError
 
 ENV_SPM_VOCAB = "FACTEDGE_SPM_VOCAB"
-TEST_SEPARATOR = "\n__ggml_vocab_test__\n"  # llama.cpp tests/test-tokenizer-0 splits .inp on this
 
 # SentencePiece ModelProto.SentencePiece.Type; gguf's token_type uses the same numbers.
 _PIECE_TYPES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
@@ -133,26 +132,3 @@ def tokenizer_model_bytes(gguf_path: str | Path) -> bytes:
 @lru_cache(maxsize=4)
 def _tokenizer_model_bytes(path: Path, _mtime_ns: int, _size: int) -> bytes:
     return build_model_proto(read_gguf_vocab(path)).SerializeToString(deterministic=True)
-
-
-def read_test_vectors(gguf_path: str | Path) -> list[tuple[str, list[int]]]:
-    """(text, ids) pairs from `<vocab>.gguf.inp/.out`, split the way test-tokenizer-0 does."""
-    gguf_path = Path(gguf_path)
-    inp = gguf_path.with_name(gguf_path.name + ".inp")
-    out = gguf_path.with_name(gguf_path.name + ".out")
-    if not inp.is_file() or not out.is_file():
-        raise InputError("tokenizer test vectors (.inp/.out) missing next to the vocab", gguf_path)
-    raw = inp.read_bytes().decode("utf-8")
-    texts: list[str] = []
-    pos = 0
-    while pos < len(raw):
-        nxt = raw.find(TEST_SEPARATOR, pos)
-        if nxt < 0:
-            texts.append(raw[pos:])
-            break
-        texts.append(raw[pos:nxt])
-        pos = nxt + len(TEST_SEPARATOR)
-    ids = [[int(x) for x in line.split()] for line in out.read_text(encoding="utf-8").splitlines()]
-    if len(texts) != len(ids):
-        raise CorruptFileError(f"{len(texts)} test texts but {len(ids)} id lines", inp)
-    return list(zip(texts, ids))

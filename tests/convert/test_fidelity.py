@@ -63,9 +63,11 @@ def test_logits_after_an_image_prompt_match_pytorch(converted):
 
 
 def test_tokenizer_vectors_reproduced_exactly(converted, vocab_gguf):
-    from factedge.train.spm_vocab import read_test_vectors
+    from factedge.edge.tokenizer_vectors import read_test_vectors
 
-    _, bundle, _ = converted
+    _, bundle, report = converted
+    # what `factedge verify` reports: the GGUF against the checkpoint's own HF tokenizer
+    assert report.tokenizer["texts"] == 46 and report.tokenizer["mismatches"] == 0, report.tokenizer
     with Model(bundle / "model-f32.gguf", vocab_only=True) as model:
         vectors = read_test_vectors(vocab_gguf)
         assert len(vectors) >= 40

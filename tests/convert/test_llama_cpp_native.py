@@ -9,7 +9,7 @@ import pytest
 
 from factedge.convert.language_model import write_language_model
 from factedge.convert.layouts import load_checkpoint
-from factedge.train.spm_vocab import read_test_vectors
+from factedge.edge.tokenizer_vectors import read_test_vectors
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
+from factedge.edge.tokenizer_vectors import read_test_vectors
 from factedge.train.spm_vocab import (
     build_model_proto,
     default_vocab_path,
     read_gguf_vocab,
-    read_test_vectors,
     tokenizer_model_bytes,
 )
 
