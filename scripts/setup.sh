@@ -36,6 +36,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$deps_hash" ]; then
   CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip_q --no-deps "$sdist"
 fi
 
+# ccache (used by llama.cpp's build when installed) shares results between clones at different paths
+export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$root}"
 backend="${FACTEDGE_BACKEND:-}"
 echo "factedge setup: building the native libraries (a no-change rebuild is a no-op)"
 args=(--no-build-isolation --editable ".[all]" -Cbuild-dir=build/native)
