@@ -22,19 +22,14 @@ from PIL import Image
 openai = pytest.importorskip("openai")
 
 KEY = "test-key"
-MAX = 8
+MAX = 8  # rlhf_vision (tests/edge/conftest.py) generates at most 8 tokens
 EXACT = {"n_ctx": 1024, "kv_type": "f32", "n_batch": 32}  # batch-shape independent numerics (see test_chat)
 QUESTION = "What is in this picture?"
 
 
 @pytest.fixture(scope="module")
-def vision(make_bundle, tiny_llava_rlhf):
-    from factedge.edge.sampling import SamplingOptions
-    from factedge.edge.session import ChatOptions, VisionChat
-
-    out = make_bundle(tiny_llava_rlhf, name="tiny-rlhf")
-    with VisionChat.open(out, options=ChatOptions(n_ctx=1024, threads=1, sampling=SamplingOptions(max_tokens=MAX))) as vc:
-        yield vc
+def vision(rlhf_vision):
+    return rlhf_vision
 
 
 @pytest.fixture(scope="module")
