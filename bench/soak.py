@@ -118,7 +118,7 @@ def run_soak(vision, opts: SoakOptions, log=None) -> SoakResult:
     from factedge.edge.image import load_image, prepare_image
     from factedge.edge.sampling import SamplingOptions
 
-    size = vision._image_size  # the mmproj's input size, as the session prepares images
+    size = vision.image_size  # the mmproj's input size, as the session prepares images
     images = [colour_image(c) for c in PALETTE]
     pixels = [prepare_image(load_image(im), size) for im in images]
     refs = [vision.encoder.encode(p) for p in pixels]  # reference embedding per colour

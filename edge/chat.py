@@ -189,7 +189,7 @@ class ChatSession:
         return [src if isinstance(src, ChatImage) else self._encode(src, stats) for src in sources]
 
     def _encode(self, source: ImageSource, stats: TurnStats) -> ChatImage:
-        pixels = prepare_image(load_image(source), self.vision._image_size)
+        pixels = prepare_image(load_image(source), self.vision.image_size)
         key = hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
         if key in self._images:
             self._images.move_to_end(key)

@@ -72,6 +72,11 @@ class VisionChat:
         self.load_s = time.perf_counter() - start
         self._image_size = _mmproj_image_size(files.mmproj) if files.mmproj else None
 
+    @property
+    def image_size(self) -> int | None:
+        """The square size the mmproj takes images at (None when opened without an mmproj)."""
+        return self._image_size
+
     @classmethod
     def open(cls, bundle: Path | None = None, *, model: Path | None = None, mmproj: Path | None = None,
              adapter: Path | None = None, quant: str | None = None,

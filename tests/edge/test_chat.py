@@ -295,7 +295,7 @@ def test_a_new_image_is_encoded_and_the_same_image_is_not(session, vision, encod
     a2 = s.ask("And this one?", img2)
     assert a2.stats.images_encoded == 1 and len(encode_calls) == 2
     e1, e2 = s.turns[0].images[0].embedding, s.turns[1].images[0].embedding
-    fresh2 = vision.encoder.encode(prepare_image(load_image(img2), vision._image_size))
+    fresh2 = vision.encoder.encode(prepare_image(load_image(img2), vision.image_size))
     assert np.array_equal(e2, fresh2) and not np.allclose(e1, e2)
     # the first image again, now as PNG bytes and a data URI: same pixels, no new encode
     import base64

@@ -64,7 +64,7 @@ def test_check_catches_a_swapped_embedding(vision):
 
     from factedge.edge.image import load_image, prepare_image
 
-    pixels = [prepare_image(load_image(soak.colour_image(c)), vision._image_size) for c in soak.PALETTE[:3]]
+    pixels = [prepare_image(load_image(soak.colour_image(c)), vision.image_size) for c in soak.PALETTE[:3]]
     refs = [vision.encoder.encode(p) for p in pixels]
     res = soak.SoakResult()
     ok = SimpleNamespace(images=[SimpleNamespace(embedding=refs[0].copy())])
