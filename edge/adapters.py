@@ -32,16 +32,12 @@ def set_adapter(session: ChatSession, scale: float, adapter: LoraAdapter | None 
         raise ConfigError("this model was opened without a LoRA adapter; only scale 0 (the base model) applies")
     if adapter is not None and adapter.model is not session.model:
         raise ConfigError("this adapter was loaded for another model", adapter.path)
-    session.ctx.set_adapters([(adapter, scale)] if scale > 0 else [])
-    # the KV cache holds activations of the old weights: the next turn re-evaluates from position 0
-    session._truncate_kv(0)  # noqa: SLF001 - same package; ChatSession keeps history and images
-    session.adapter_scale = scale
+    session.set_adapter(adapter, scale)  # the next turn re-evaluates from position 0 with the new weights
 
 
 def adapter_scale(session: ChatSession) -> float:
     """The scale the session's context applies now (0: the base model)."""
-    default = session.vision.options.adapter_scale if session.vision.adapter is not None else 0.0
-    return getattr(session, "adapter_scale", default)
+    return session.adapter_scale
 
 
 @dataclass

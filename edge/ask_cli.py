@@ -8,40 +8,30 @@ from pathlib import Path
 
 import click
 
+from factedge.edge.cli_options import (adapter_scale_option, image_option, model_options, open_vision,
+                                       runtime_options, sampling_from, sampling_options)
 from factedge.edge.inspect import check_bundle, describe_gguf
 
 
 @click.command()
 @click.argument("question")
-@click.option("--model", "model", required=True, type=click.Path(path_type=Path),
-              help="a bundle folder from `factedge convert`, or a model GGUF (then give --mmproj)")
-@click.option("--image", type=click.Path(path_type=Path), help="image file to ask about")
-@click.option("--mmproj", type=click.Path(path_type=Path), help="mmproj GGUF (when --model is a file)")
-@click.option("--adapter", type=click.Path(path_type=Path), help="LoRA adapter GGUF (when --model is a file)")
-@click.option("--quant", help="which model file of the bundle (e.g. Q4_K_M, Q8_0, F16)")
-@click.option("--temperature", type=float, default=0.0, show_default=True)
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True)
-@click.option("--max-tokens", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=0, help="CPU threads (0: llama.cpp's default)")
-@click.option("--n-gpu-layers", type=int, default=0, help="layers to offload (-1: all)")
+@model_options
+@image_option("image file to ask about")
+@sampling_options
+@runtime_options
 @click.option("--json", "as_json", is_flag=True, help="print a JSON object (answer, tokens, stats)")
 @click.option("--stats", is_flag=True, help="print load, image-encode and tokens/s figures")
 @click.option("--compare-adapters", is_flag=True,
               help="answer with the base (SFT) model and with the LoRA adapter (RLHF), side by side")
-@click.option("--adapter-scale", type=float, default=1.0, show_default=True, help="LoRA scale in [0, 1]")
+@adapter_scale_option
 def ask(question, model, image, mmproj, adapter, quant, temperature, top_p, top_k, max_tokens, seed, threads,
         n_gpu_layers, as_json, stats, compare_adapters, adapter_scale):
     """Answer QUESTION about --image with a converted model."""
-    from factedge.edge.sampling import SamplingOptions
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.session import ChatOptions
 
-    sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
-    options = ChatOptions(threads=threads, n_gpu_layers=n_gpu_layers, sampling=sampling, adapter_scale=adapter_scale)
-    bundle = model if model.is_dir() else None
-    with VisionChat.open(bundle, model=None if bundle else model, mmproj=mmproj, adapter=adapter, quant=quant,
-                         options=options) as chat:
+    options = ChatOptions(threads=threads, n_gpu_layers=n_gpu_layers, adapter_scale=adapter_scale,
+                          sampling=sampling_from(temperature, top_p, top_k, max_tokens, seed))
+    with open_vision(model, mmproj, adapter, quant, options) as chat:
         if compare_adapters:
             _compare(chat, question, image, adapter_scale, as_json, stats)
             return

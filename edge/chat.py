@@ -25,8 +25,8 @@ import numpy as np
 
 from factedge.edge.errors import ConfigError, ContextFullError, FactedgeError, InputError
 from factedge.edge.image import ImageSource, load_image, prepare_image
-from factedge.edge.prompt import SYSTEM, Conversation, Turn, count_images, split_at_images
-from factedge.edge.runtime import Context, ContextOptions
+from factedge.edge.prompt import SYSTEM, Conversation, Turn, count_images, prompt_pieces
+from factedge.edge.runtime import Context, ContextOptions, LoraAdapter
 from factedge.edge.sampling import Sampler, SamplingOptions
 from factedge.edge.session import Answer, Stats, VisionChat
 
@@ -117,8 +117,9 @@ class ChatSession:
         self.model = vision.model
         self.ctx = Context(self.model, ContextOptions(n_ctx=self.options.n_ctx, n_batch=self.options.n_batch,
                                                       n_threads=vision.options.threads, kv_type=self.options.kv_type))
+        self.adapter_scale = vision.options.adapter_scale if vision.adapter else 0.0  # 0: the base model
         if vision.adapter:
-            self.ctx.set_adapters([(vision.adapter, vision.options.adapter_scale)])
+            self.ctx.set_adapters([(vision.adapter, self.adapter_scale)])
         self.turns: list[ChatTurn] = []
         self._kv: list[Hashable] = []  # what each KV position holds: token id or (image key, row)
         self._epoch = 0  # bumped whenever the KV cache is rewound: an older stream stops generating
@@ -135,6 +136,20 @@ class ChatSession:
         """Forget the history and the KV cache (image embeddings stay cached)."""
         self.turns.clear()
         self._truncate_kv(0)
+
+    def set_adapter(self, adapter: LoraAdapter | None, scale: float) -> None:
+        """Apply `adapter` at `scale` to this session's context (None or scale 0: the base model).
+
+        The KV cache holds activations of the old weights, so it is forgotten from position 0; the
+        history and the image embeddings stay (a LoRA on the LM leaves CLIP and the projector alone)."""
+        self.ctx.set_adapters([(adapter, scale)] if adapter is not None and scale > 0 else [])
+        self._truncate_kv(0)
+        self.adapter_scale = scale if adapter is not None else 0.0
+
+    @property
+    def kv_tokens(self) -> tuple[Hashable, ...]:
+        """What each KV-cache position holds: a token id, or (image key, embedding row)."""
+        return tuple(self._kv)
 
     def pop(self) -> ChatTurn:
         """Remove the last turn; the KV cache keeps only what the remaining history shares."""
@@ -244,12 +259,9 @@ class ChatSession:
         The text around an answer is cut at "ASSISTANT:" and at the special "</s>" that follows: llama.cpp
         splits its text at special tokens anyway, so only the answer's own spelling can differ from
         tokenising the whole text (the template's ':' and ' ' never merge into one SPM piece)."""
-        # special=True: the template's "</s>" is the EOS token, as LLaVA's HF tokenizer reads it
         pieces, pos = [], 0
         for start, end, ids in spliced + [(len(text), len(text), [])]:
-            first = pos == 0
-            pieces += split_at_images(text[pos:start], lambda s, bos: self.model.tokenize(s, add_bos=bos and first,
-                                                                                       special=True))
+            pieces += prompt_pieces(text[pos:start], self.model.tokenize, bos=pos == 0)
             if ids:
                 pieces.append(list(ids))
             pos = end

@@ -22,6 +22,9 @@ LAZY_COMMANDS = {
     "verify": "factedge.convert.cli:verify",
     "demo": "factedge.train.demo_cli:demo",
     "serve": "factedge.edge.serve_cli:serve",
+    "train": "factedge.train.train_cli:train",
+    "data": "factedge.train.world.data_cli:data",
+    "eval": "factedge.train.evaluate.eval_cli:evaluate",
 }
 # what `factedge --help` lists, without importing the commands (which would pull torch and llama.cpp)
 SHORT_HELP = {
@@ -32,6 +35,9 @@ SHORT_HELP = {
     "verify": "Compare a bundle's GGUF files with the PyTorch checkpoint.",
     "demo": "Convert and verify a tiny LLaVA-RLHF-layout model, then ask it about an image.",
     "serve": "Serve a converted model over an OpenAI-compatible HTTP API (loopback by default).",
+    "train": "Run the Fact-RLHF recipe: SFT, fact-augmented reward model, PPO (or GRPO/RLOO).",
+    "data": "Write the synthetic shapes world: training data, facts, preferences, MMHal/POPE sets.",
+    "eval": "Measure hallucination (MMHal, POPE) and fidelity of bundles and PyTorch models.",
 }
 
 

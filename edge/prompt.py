@@ -86,5 +86,16 @@ def split_at_images(text: str, tokenize: Callable[[str, bool], list[int]]) -> li
     return out
 
 
+def prompt_pieces(text: str, tokenize: Callable[..., list[int]], *, bos: bool = True) -> list[list[int] | None]:
+    """The one tokenisation of a rendered prompt that `ask`, `chat`, `serve` and the benchmarks share.
+
+    `tokenize(text, add_bos=..., special=...)` is `runtime.Model.tokenize`. special=True: the template's
+    "</s>" after an answer is the EOS token, as LLaVA's HF tokenizer reads any special-token text (so a
+    user's literal "</s>" is EOS too, as in LLaVA's training data); BOS only on the first piece, and
+    only when `bos` (a prompt continued after spliced answer ids has none).
+    """
+    return split_at_images(text, lambda piece, first: tokenize(piece, add_bos=bos and first, special=True))
+
+
 def count_images(segments: Sequence[list[int] | None]) -> int:
     return sum(1 for s in segments if s is None)

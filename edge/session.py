@@ -14,7 +14,7 @@ from pathlib import Path
 from factedge.edge.bundle import BundleFiles, check_files, open_bundle
 from factedge.edge.errors import ConfigError
 from factedge.edge.image import ImageSource, load_image, prepare_image
-from factedge.edge.prompt import single_turn, split_at_images
+from factedge.edge.prompt import prompt_pieces, single_turn
 from factedge.edge.runtime import Context, ContextOptions, ImageEncoder, LoraAdapter, Model
 from factedge.edge.sampling import Sampler, SamplingOptions
 
@@ -97,8 +97,7 @@ class VisionChat:
             raise ConfigError("this model was opened without an mmproj; it cannot take images")
         sampling = sampling or self.options.sampling
         stats = Stats(load_s=self.load_s)
-        pieces = split_at_images(single_turn(question, n_images=int(image is not None)),
-                                 lambda text, bos: self.model.tokenize(text, add_bos=bos, special=False))
+        pieces = self.prompt_ids(question, n_images=int(image is not None))
         segments = []
         for piece in pieces:
             if piece is None:
@@ -115,6 +114,11 @@ class VisionChat:
         stats.prompt_tokens = self.ctx.n_past
         tokens, text, reason = self._generate(sampling, stats)
         return Answer(text, tokens, stats, reason)
+
+    def prompt_ids(self, question: str, n_images: int = 1) -> list[list[int] | None]:
+        """The token-id pieces `ask` feeds (None where an image goes): the same ids a fresh
+        ChatSession's first turn evaluates (`edge.prompt.prompt_pieces`, one tokenisation for both)."""
+        return prompt_pieces(single_turn(question, n_images=n_images), self.model.tokenize)
 
     def _generate(self, sampling: SamplingOptions, stats: Stats) -> tuple[list[int], str, str]:
         sampler = Sampler(sampling, self.model.n_vocab)
