@@ -33,7 +33,7 @@ SHORT_HELP = {
     "convert": "Convert a LLaVA / LLaVA-RLHF checkpoint (or a batch) into a GGUF bundle.",
     "inspect": "Show what a GGUF file or a bundle holds, and whether its files pair.",
     "verify": "Compare a bundle's GGUF files with the PyTorch checkpoint.",
-    "demo": "Convert and verify a tiny LLaVA-RLHF-layout model, then ask it about an image.",
+    "demo": "Train a small LLaVA with Fact-RLHF on a synthetic world, convert it, compare SFT vs RLHF answers.",
     "serve": "Serve a converted model over an OpenAI-compatible HTTP API (loopback by default).",
     "train": "Run the Fact-RLHF recipe: SFT, fact-augmented reward model, PPO (or GRPO/RLOO).",
     "data": "Write the synthetic shapes world: training data, facts, preferences, MMHal/POPE sets.",

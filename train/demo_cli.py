@@ -1,30 +1,88 @@
-"""`factedge demo`: click over factedge.train.demo."""
+"""`factedge demo`: click over factedge.train.demo (table, summary, timings, then the chat)."""
 
 from __future__ import annotations
 
+import sys
+
 import click
 from rich.console import Console
+from rich.table import Table
 
-from factedge.convert.cli import _Bars, _progress, print_fidelity
-from factedge.train.demo import QUESTION, run_demo
+from factedge.convert.cli import _Bars, _progress
+from factedge.train.demo import DEMO_SEED, DemoOptions, DemoResult, run_demo, should_chat
 
 console = Console(stderr=True)
 
 
+def verdict_text(v) -> str:
+    """'6 ok' or '1 HALLUCINATED: a red square; ...' (the judge's score and false claims)."""
+    if not v.hallucinated:
+        return f"{v.score} ok"
+    return f"{v.score} HALLUCINATED: " + "; ".join(v.hallucinations)
+
+
+def answers_table(result: DemoResult) -> Table:
+    table = Table(title=f"SFT (adapter scale 0) vs RLHF (scale 1), {result.quant}, greedy; judge: shapes-world "
+                        f"oracle, MMHal 0-6, hallucinated = score < 3", show_lines=True)
+    for name in ("image", "question", "SFT answer", "SFT verdict", "RLHF answer", "RLHF verdict"):
+        table.add_column(name, overflow="fold")
+    for r in result.rows:
+        table.add_row(r.image.name, r.question, r.sft, verdict_text(r.sft_verdict), r.rlhf,
+                      verdict_text(r.rlhf_verdict))
+    return table
+
+
+def summary_line(result: DemoResult) -> str:
+    n = len(result.rows)
+    return (f"hallucination rate over {n} answers on {len(result.images)} fresh images: SFT "
+            f"{result.hallucination_rate('sft'):.0%} (mean score {result.mean_score('sft'):.1f}) vs RLHF "
+            f"{result.hallucination_rate('rlhf'):.0%} (mean score {result.mean_score('rlhf'):.1f})")
+
+
+def timings_line(result: DemoResult) -> str:
+    t = result.timings
+    stages = result.metrics.get("timings") or {}
+    trained = ("trained now" + "".join(f", {k} {v:.0f} s" for k, v in stages.items())) if result.trained else "cached"
+    return (f"timings: training {t['recipe_s']:.1f} s ({trained}), "
+            f"conversion {t['convert_s']:.1f} s ({'converted now' if result.converted else 'cached'}), "
+            f"answering {t['answer_s']:.1f} s; total {t['total_s']:.1f} s "
+            f"[{result.runtime['threads']} threads, n_gpu_layers {result.runtime['n_gpu_layers']}, "
+            f"{result.runtime['backend']} build]")
+
+
+def chat_command(result: DemoResult) -> str:
+    return f"factedge chat --model {result.bundle} --quant {result.quant} --image {result.images[0]}"
+
+
 @click.command()
-@click.option("--question", default=QUESTION, show_default=True)
-@click.option("--threads", type=int, default=0, help="CPU threads (0: llama.cpp's default)")
-def demo(question, threads):
-    """Convert a LLaVA-RLHF-layout checkpoint, verify it against PyTorch and ask about an image."""
+@click.option("--images", "n_images", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="fresh images to ask about")
+@click.option("--seed", type=int, default=DEMO_SEED, show_default=True, help="seed of the demo's images")
+@click.option("--quant", type=click.Choice(["Q4_K_M", "Q8_0", "F16"]), default="Q4_K_M", show_default=True,
+              help="which model file answers")
+@click.option("--scale", type=click.Choice(["micro", "cpu", "gpu"]), default=None,
+              help="training preset (default: gpu when CUDA is available, else cpu; micro: a smoke test)")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+@click.option("--verify", is_flag=True, help="also check the bundle against PyTorch while converting (slow)")
+@click.option("--no-chat", is_flag=True, help="do not drop into `factedge chat` at the end")
+@click.pass_context
+def demo(ctx, n_images, seed, quant, scale, max_tokens, threads, verify, no_chat):
+    """Train a small LLaVA with Fact-RLHF on a synthetic world, convert it, and compare SFT vs RLHF answers."""
+    options = DemoOptions(scale=scale, n_images=n_images, seed=seed, quant=quant, max_tokens=max_tokens,
+                          threads=threads, verify=verify)
     with _progress() as progress:
-        result = run_demo(question=question, threads=threads, progress=_Bars(progress),
-                          log=lambda m: console.print(f"[bold]demo:[/bold] {m}"))
-    console.print(f"bundle: {result.bundle} ({'converted now' if result.converted else 'cached'})")
-    print_fidelity(result.manifest.fidelity)
-    click.echo(f"\nimage: {result.image}\nquestion: {question}")
-    for quant, answer in result.answers.items():
-        s = answer.stats
-        click.echo(f"[{quant}] {answer.text!r}")
-        click.echo(f"        image encode {s.image_encode_s * 1000:.0f} ms, prompt {s.prompt_tokens} tokens at "
-                   f"{s.prompt_tps:.0f} tok/s, {s.generated_tokens} tokens at {s.generate_tps:.0f} tok/s")
-    click.echo("\n(The tiny model has random weights: its answer shows the path, not understanding.)")
+        result = run_demo(options, progress=_Bars(progress), log=lambda m: console.print(f"[bold]demo:[/bold] {m}"))
+    out = Console()
+    out.print(answers_table(result))
+    out.print(summary_line(result))
+    out.print(timings_line(result))
+    out.print(f"bundle: {result.bundle}")
+    out.print(f"chat with it: {chat_command(result)}", soft_wrap=True)
+    if should_chat(no_chat, sys.stdin, sys.stdout):
+        from factedge.edge.chat_cli import chat
+
+        out.print(f"\n(chatting with the RLHF model about {result.images[0].name}; /adapter 0 switches to SFT, "
+                  "/quit ends)")
+        ctx.invoke(chat, model=result.bundle, quant=quant, image=result.images[0], threads=result.runtime["threads"],
+                   n_gpu_layers=result.runtime["n_gpu_layers"], max_tokens=max_tokens)

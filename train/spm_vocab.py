@@ -4,6 +4,7 @@ Tiny test checkpoints must tokenize exactly like the real LLaVA/Vicuna ones (sam
 BPE merges by score, same byte fallback), but the real tokenizer.model cannot be downloaded here.
 llama.cpp's `ggml-vocab-llama-spm.gguf` carries the pieces, scores and types verbatim; adding the
 trainer/normaliser settings LLaMA was trained with gives back a model that sentencepiece and HF load.
+FACTEDGE_SPM_VOCAB may also name a serialised tokenizer.model (used as is), for machines without gguf.
 """
 
 from __future__ import annotations
@@ -131,4 +132,21 @@ def tokenizer_model_bytes(gguf_path: str | Path) -> bytes:
 
 @lru_cache(maxsize=4)
 def _tokenizer_model_bytes(path: Path, _mtime_ns: int, _size: int) -> bytes:
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":  # already a serialised tokenizer.model (machines without the gguf package)
+        return _checked_model_bytes(path)
     return build_model_proto(read_gguf_vocab(path)).SerializeToString(deterministic=True)
+
+
+def _checked_model_bytes(path: Path) -> bytes:
+    import sentencepiece as spm
+
+    data = path.read_bytes()
+    try:
+        n = spm.SentencePieceProcessor(model_proto=data).get_piece_size()
+    except (RuntimeError, OSError) as exc:
+        raise CorruptFileError(f"neither a vocab GGUF nor a tokenizer.model: {exc}", path) from exc
+    if n == 0:
+        raise CorruptFileError("neither a vocab GGUF nor a tokenizer.model (no pieces)", path)
+    return data
