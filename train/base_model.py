@@ -19,10 +19,8 @@ import hashlib
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -30,6 +28,7 @@ from factedge.convert.specs import ProjectorType, TextSpec, VisionSpec
 from factedge.edge.errors import ConfigError
 from factedge.train.tensor_files import save_tensors
 from factedge.train.tiny import build_tiny
+from factedge.train.tiny_cache import locked
 
 INIT_STD = 0.02  # LlamaConfig.initializer_range
 
@@ -105,21 +104,6 @@ def build_base(out: str | Path, spec: BaseSpec | None = None) -> Path:
     return model
 
 
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # Windows: builds are still atomic per file
-        yield
-        return
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def cached_base(spec: BaseSpec | None = None, cache_dir: str | Path | None = None) -> Path:
     """`build_base` once per (spec, builder sources); later calls return the same folder."""
     from factedge.train.tiny_cache import default_cache_dir
@@ -133,7 +117,7 @@ def cached_base(spec: BaseSpec | None = None, cache_dir: str | Path | None = Non
     cache.mkdir(parents=True, exist_ok=True)
     folder = cache / f"base-{h.hexdigest()[:16]}"
     marker = folder / ".complete"
-    with _lock(cache / f".{folder.name}.lock"):
+    with locked(cache / f".{folder.name}.lock"):
         if not marker.is_file():
             if folder.exists():
                 shutil.rmtree(folder)  # an interrupted build

@@ -61,7 +61,7 @@ def _key(params: dict, vocab: Path) -> str:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # Windows: no cross-process lock, builds are still atomic per file
@@ -125,7 +125,7 @@ def cached_tiny(
     name = f"{variant}-{_key(params, vocab)}"
     folder = cache / name
     record = folder / _MARKER
-    with _locked(cache / f".{name}.lock"):
+    with locked(cache / f".{name}.lock"):
         if record.is_file():
             root = folder / record.read_text().strip()
         else:
