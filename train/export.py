@@ -11,12 +11,12 @@ temp name and renamed into place.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from factedge.train.atomic_dir import building_dir
 from factedge.convert.reference import vision_config
 from factedge.edge.errors import OutputError
 from factedge.train import tiny
@@ -70,11 +70,7 @@ def write_llava_model(model: LlavaForTraining, out: str | Path, *, dtype: torch.
     """Write `model` (full weights) as an original-LLaVA folder at `out`; returns `out`."""
     out = Path(out)
     ckpt = model.ckpt
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    with building_dir(out, "the model folder") as tmp:
         clip_dir = model.vision_tower_dir
         if clip_dir is None:
             clip_dir = write_vision_tower(model, out.parent / f"{out.name}-vision-tower")
@@ -86,10 +82,4 @@ def write_llava_model(model: LlavaForTraining, out: str | Path, *, dtype: torch.
             src = Path(ckpt.tokenizer_dir) / name
             if src.is_file():
                 shutil.copyfile(src, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot write the model folder: {exc}", out) from exc
     return out

@@ -11,14 +11,13 @@ which `factedge convert --lora` reads.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from factedge.train.atomic_dir import building_dir
 from factedge.convert.layouts import check_adapter_dir
-from factedge.edge.errors import ConfigError, MismatchError, OutputError
+from factedge.edge.errors import ConfigError, MismatchError
 from factedge.train.config import LoraSettings
 from factedge.train.model import LlavaForTraining
 
@@ -91,11 +90,7 @@ def save_lora(model: LlavaForTraining, out: str | Path, *, name: str = "default"
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     cfg["base_model_name_or_path"] = str(base) if base is not None else cfg.get("base_model_name_or_path")
     cfg["inference_mode"] = True
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    with building_dir(out, "the adapter") as tmp:
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         for fname, tensors in (extra or {}).items():
             tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -104,12 +99,6 @@ def save_lora(model: LlavaForTraining, out: str | Path, *, name: str = "default"
             else:
                 save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n", "utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot write the adapter: {exc}", out) from exc
     return out
 
 

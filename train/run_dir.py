@@ -14,7 +14,6 @@ Only the main process writes (`main=False` on the others makes every write a no-
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from factedge.train.atomic_dir import building_dir
 from factedge.edge.errors import CorruptFileError, InputError, MismatchError, OutputError
 from factedge.train.config import config_to_dict
 from factedge.train.tensor_files import atomic_path, write_json
@@ -170,12 +170,8 @@ class RunDir:
         from safetensors.torch import save_file
 
         final = self.checkpoints / f"{_STEP_PREFIX}{step}"
-        tmp = self.checkpoints / f".{_STEP_PREFIX}{step}.tmp-{os.getpid()}"
         tensors = trainables if trainables is not None else trainable_state(model)
-        try:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+        with building_dir(final, "checkpoint") as tmp:
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
             if optimizer is not None:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -183,12 +179,6 @@ class RunDir:
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng_state(), tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "extra": extra or {}}, indent=2), "utf-8")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise OutputError(f"cannot write checkpoint: {exc}", final) from exc
         for old in self.checkpoint_dirs()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
