@@ -9,12 +9,12 @@ rate (share of ratings < 3) and mean score per type, as the paper reports them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from factedge.edge.errors import CorruptFileError, InputError
+from factedge.convert.hparams import read_json
+from factedge.edge.errors import InputError
 from factedge.train.evaluate.backends import Backend
 from factedge.train.evaluate.data import read_records, resolve_image
 
@@ -57,19 +57,8 @@ def normalize_type(value: Any, index: int) -> str:
 
 
 def _scenes_near(path: Path, scenes: Path | None) -> dict[str, dict]:
-    """scenes.json (image id -> scene dict), from --scenes or beside the benchmark, if present."""
-    candidate = scenes or (path.parent / "scenes.json")
-    if not candidate.is_file():
-        if scenes is not None:
-            raise InputError("scenes file not found", scenes)
-        return {}
-    try:
-        data = json.loads(candidate.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(f"cannot read scenes ({exc})", candidate) from exc
-    if not isinstance(data, dict):
-        raise CorruptFileError("scenes file must map image ids to scenes", candidate)
-    return data
+    """scenes.json (image id -> scene dict), from --scenes (required) or beside the benchmark, if present."""
+    return read_json(scenes or (path.parent / "scenes.json"), required=scenes is not None)
 
 
 def _scene_of(rec: dict, image: Path, scenes: dict[str, dict]) -> dict | None:
