@@ -85,7 +85,10 @@ def run_seed(scale: str, seed: int, cache: Path, limit: int, log) -> dict:
 
 ROWS = [("hallucination rate (all)", "hallucination_rate"), ("hallucination rate (describe)",
         "describe_hallucination_rate"), ("mean judge score 0-6", "mean_score"), ("yes/no accuracy", "yes_no_accuracy"),
-        ("multiple-choice accuracy", "multiple_choice_accuracy"), ("mean answer tokens", "mean_tokens")]
+        ("multiple-choice accuracy", "multiple_choice_accuracy"), ("mean answer tokens", "mean_tokens"),
+        ("false claims per answer", "false_claims"), ("true claims per answer", "true_claims"),
+        ("claim precision", "claim_precision"), ("describe: objects covered", "describe_coverage"),
+        ("describe: false claims per answer", "describe_false_claims")]
 
 
 def summarise(results: list[dict]) -> dict:

@@ -29,6 +29,7 @@ from factedge.edge.errors import ConfigError
 from factedge.train.tensor_files import save_tensors
 from factedge.train.tiny import build_tiny
 from factedge.train.tiny_cache import locked
+from factedge.train.vision_pretrain import VisionPretrain, pretrain_tower_folder
 
 INIT_STD = 0.02  # LlamaConfig.initializer_range
 
@@ -51,6 +52,7 @@ class BaseSpec:
     vision: VisionSpec = field(default_factory=demo_vision)
     projector: ProjectorType = "mlp2x_gelu"
     seed: int = 0
+    vision_pretrain: VisionPretrain | None = None  # None: the tower stays random (see vision_pretrain.py)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -101,6 +103,14 @@ def build_base(out: str | Path, spec: BaseSpec | None = None) -> Path:
     sd.update({k: v.to(dtype) for k, v in fresh.items()})
     save_tensors(model / "model.safetensors", sd, "safetensors")  # loads faster than a pickle
     weights.unlink()
+    if spec.vision_pretrain is not None:
+        from factedge.convert.layouts import resolve_vision_tower
+        from factedge.train.world.scene import WorldConfig
+
+        cfg_path = model / "config.json"
+        tower = resolve_vision_tower(json.loads(cfg_path.read_text()), cfg_path, None)
+        metrics = pretrain_tower_folder(tower, spec.vision, WorldConfig(), spec.vision_pretrain)
+        (tower / "pretraining.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return model
 
 
@@ -111,7 +121,8 @@ def cached_base(spec: BaseSpec | None = None, cache_dir: str | Path | None = Non
     spec = spec or BaseSpec()
     here = Path(__file__).resolve().parent
     h = hashlib.sha256(spec.key().encode())
-    for name in ("base_model.py", "tiny.py", "tiny_weights.py", "tensor_files.py", "spm_vocab.py"):
+    for name in ("base_model.py", "tiny.py", "tiny_weights.py", "tensor_files.py", "spm_vocab.py", "vision_pretrain.py",
+                 "world/scene.py", "world/render.py"):
         h.update((here / name).read_bytes())
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)

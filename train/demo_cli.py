@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 from rich.console import Console
@@ -71,6 +72,8 @@ def demo(ctx, n_images, seed, quant, scale, max_tokens, threads, verify, no_chat
     """Train a small LLaVA with Fact-RLHF on a synthetic world, convert it, and compare SFT vs RLHF answers."""
     options = DemoOptions(scale=scale, n_images=n_images, seed=seed, quant=quant, max_tokens=max_tokens,
                           threads=threads, verify=verify)
+    # transformers' deprecation notices about config keys are not the demo user's business
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
     with _progress() as progress:
         result = run_demo(options, progress=_Bars(progress), log=lambda m: console.print(f"[bold]demo:[/bold] {m}"))
     out = Console()

@@ -57,31 +57,45 @@ def greedy_answers(model, items: Sequence[dict], image_dir: Path, *, max_new_tok
 
 
 def score_answers(split_root: str | Path, items: Sequence[dict], answers: Sequence[tuple[str, int, bool]]) -> dict:
-    """Judge every answer; aggregate per type and overall."""
+    """Judge every answer; aggregate per type and overall. Besides the MMHal-style rate (share of answers
+    with any false claim), claim-level figures show whether fewer hallucinations come from truer answers
+    or from saying less: false and true claims per answer, claim precision, and for descriptions the
+    share of the scene's objects that true claims identify (coverage)."""
     scenes = read_scenes(Path(split_root) / "scenes.json")
-    per: dict[str, list[tuple[bool, int]]] = defaultdict(list)
+    per: dict[str, list] = defaultdict(list)
     correct: dict[str, list[bool]] = defaultdict(list)
     lengths, eos = [], []
     for it, (text, n, has_eos) in zip(items, answers):
         kind = str(it.get("type", "open"))
-        v = judge(scenes[it["image"]], text, question_of(it))
-        per[kind].append((v.hallucinated, v.score))
+        scene = scenes[it["image"]]
+        v = judge(scene, text, question_of(it))
+        per[kind].append((v, len(scene.objects)))
         lengths.append(n)
         eos.append(has_eos)
         if kind == "yes_no":
             correct[kind].append(judge_yes_no(text, str(it["answer"])))
         elif kind == "multiple_choice":
             correct[kind].append(judge_choice(text, str(it["answer"])))
-    every = [x for rows in per.values() for x in rows]
-    res = {"n": len(every), "hallucination_rate": _mean(h for h, _ in every), "mean_score": _mean(s for _, s in every),
+    res = {"n": sum(len(rows) for rows in per.values()), **_verdict_figures([r for rows in per.values() for r in rows]),
            "mean_tokens": _mean(lengths), "eos_rate": _mean(eos)}
     for kind, rows in sorted(per.items()):
         res[f"{kind}_n"] = len(rows)
-        res[f"{kind}_hallucination_rate"] = _mean(h for h, _ in rows)
-        res[f"{kind}_mean_score"] = _mean(s for _, s in rows)
+        res.update({f"{kind}_{k}": v for k, v in _verdict_figures(rows).items()})
     for kind, rows in correct.items():
         res[f"{kind}_accuracy"] = _mean(rows)
     return res
+
+
+def _verdict_figures(rows: list) -> dict:
+    verdicts = [v for v, _ in rows]
+    true = sum(len(v.true_claims) for v in verdicts)
+    false = sum(len(v.hallucinations) for v in verdicts)
+    return {"hallucination_rate": _mean(v.hallucinated for v in verdicts),
+            "mean_score": _mean(v.score for v in verdicts),
+            "false_claims": _mean(len(v.hallucinations) for v in verdicts),
+            "true_claims": _mean(len(v.true_claims) for v in verdicts),
+            "claim_precision": true / (true + false) if true + false else float("nan"),
+            "coverage": _mean(v.covered / max(n, 1) for v, n in rows)}
 
 
 def evaluate_model(model, split_root: str | Path, *, limit: int = 0, max_new_tokens: int = 64,
