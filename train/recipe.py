@@ -12,7 +12,7 @@ world and assembles what LLaVA-RLHF ships, so `factedge convert` takes the resul
                                      throughput), timings
 
 Everything is cached by a content hash of the config and the bytes of train/'s sources: a second call
-with the same inputs returns the finished folder at once. Presets: "cpu" (the demo's budget: a few
+with the same inputs returns the finished folder at once. Presets: "cpu" (the demo's budget: ~9
 minutes on 2 cores), "gpu" (bigger world, longer runs; minutes on one H100), "micro" (tests).
 
 Why the base looks as it does (see `recipe_base`): 112 px with 16-px patches (49 tokens) and a 2-layer
