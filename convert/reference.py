@@ -124,6 +124,27 @@ def load_strict(module: nn.Module, tensors: LazyTensors, *, prefix: str, what: s
         raise MismatchError(f"{what} tensors missing from the checkpoint: {shown} ({len(missing)} in all)", path)
 
 
+def build_loaded(ckpt: Checkpoint, dtype: torch.dtype, text_cfg: LlamaConfig | None = None
+                 ) -> tuple[CLIPVisionModel, nn.Sequential, LlamaForCausalLM]:
+    """The checkpoint's vision tower, projector and LLaMA, built without random init in `dtype` and
+    loaded strictly (shapes checked); `text_cfg` overrides `text_config(ckpt.text)` (e.g. attention)."""
+    vspec, tspec = ckpt.vision, ckpt.text
+    if vspec.select_feature not in ("patch", "cls_patch"):
+        raise ConfigError(f"unknown vision select_feature {vspec.select_feature!r}")
+    with _default_dtype(dtype), no_init_weights():
+        vision = CLIPVisionModel(vision_config(vspec))
+        projector = build_projector(ckpt.projector_type, vspec.hidden_size, tspec.hidden_size)
+        lm = LlamaForCausalLM(text_cfg if text_cfg is not None else text_config(tspec))
+    # transformers 4 nests the tower under `vision_model.`; 5 flattens it (canonical names as-is)
+    vprefix = "vision_model." if hasattr(vision, "vision_model") else ""
+    load_strict(vision, ckpt.vision_tensors(), prefix=vprefix, what="vision", path=ckpt.root)
+    load_strict(projector, ckpt.projector_tensors(), prefix="", what="projector", path=ckpt.root)
+    load_strict(lm, ckpt.lm_tensors(), prefix="", what="language model", path=ckpt.root)
+    if tspec.tie_word_embeddings:
+        lm.tie_weights()
+    return vision, projector, lm
+
+
 def _adapter_state_dict(adapter_dir: Path) -> dict[str, torch.Tensor]:
     st, pt = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
     if st.is_file():
@@ -188,24 +209,11 @@ class TorchLlava:
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, *, adapter: AdapterMode | None = None,
                         dtype: torch.dtype = torch.float32) -> "TorchLlava":
-        vspec, tspec = ckpt.vision, ckpt.text
-        if vspec.select_feature not in ("patch", "cls_patch"):
-            raise ConfigError(f"unknown vision select_feature {vspec.select_feature!r}")
         if adapter not in (None, "peft", "merged"):
             raise ConfigError(f"adapter must be None, 'peft' or 'merged', not {adapter!r}")
         if adapter is not None and ckpt.adapter_dir is None:
             raise ConfigError(f"adapter={adapter!r} asked for, but the checkpoint has no LoRA adapter", ckpt.root)
-        with _default_dtype(dtype), no_init_weights():
-            vision = CLIPVisionModel(vision_config(vspec))
-            projector = build_projector(ckpt.projector_type, vspec.hidden_size, tspec.hidden_size)
-            lm = LlamaForCausalLM(text_config(tspec))
-        # transformers 4 nests the tower under `vision_model.`; 5 flattens it (canonical names as-is)
-        vprefix = "vision_model." if hasattr(vision, "vision_model") else ""
-        load_strict(vision, ckpt.vision_tensors(), prefix=vprefix, what="vision", path=ckpt.root)
-        load_strict(projector, ckpt.projector_tensors(), prefix="", what="projector", path=ckpt.root)
-        load_strict(lm, ckpt.lm_tensors(), prefix="", what="language model", path=ckpt.root)
-        if tspec.tie_word_embeddings:
-            lm.tie_weights()
+        vision, projector, lm = build_loaded(ckpt, dtype)
         lm.eval()
         if adapter is not None:
             lm = apply_adapter(lm, Path(ckpt.adapter_dir), adapter)

@@ -1,8 +1,8 @@
 """LLaVA as a trainable PyTorch module: CLIP (frozen) + projector + LLaMA, with batched image splicing.
 
-Built from the same stock parts and loaders as `convert.reference.TorchLlava` (vision_config,
-text_config, build_projector, load_strict over `convert.layouts.load_checkpoint`), so the model that
-trains is the model that converts: on one prompt the logits agree with TorchLlava's. What is added
+Built by the same `convert.reference.build_loaded` as `convert.reference.TorchLlava` (stock parts,
+strict loads over `convert.layouts.load_checkpoint`), so the model that trains is the model that
+converts: on one prompt the logits agree with TorchLlava's. What is added
 for training:
 - batches: `splice` turns token-id lists (IMAGE_TOKEN_INDEX where an image goes, as LLaVA's
   `tokenizer_image_token`) plus per-sample image embeddings into padded `inputs_embeds`, an attention
@@ -34,8 +34,7 @@ from transformers import CLIPVisionModel, LlamaForCausalLM
 
 from factedge.convert.layouts import load_checkpoint, resolve_vision_tower
 from factedge.convert.hparams import read_json
-from factedge.convert.reference import _default_dtype, build_projector, load_strict, no_init_weights
-from factedge.convert.reference import text_config, vision_config
+from factedge.convert.reference import build_loaded, text_config
 from factedge.convert.specs import Checkpoint
 from factedge.edge.errors import ConfigError, InputError
 from factedge.edge.image import ImageSource, normalize, prepare_image
@@ -343,21 +342,9 @@ def load_for_training(path: str | Path, *, vision_tower: str | Path | None = Non
     if attn_implementation not in ("sdpa", "eager"):
         raise ConfigError(f"attn_implementation must be sdpa or eager, not {attn_implementation!r}")
     ckpt = load_checkpoint(path, vision_tower=vision_tower)
-    vspec, tspec = ckpt.vision, ckpt.text
-    if vspec.select_feature not in ("patch", "cls_patch"):
-        raise ConfigError(f"unknown vision select_feature {vspec.select_feature!r}")
-    tcfg = text_config(tspec)
+    tcfg = text_config(ckpt.text)
     tcfg._attn_implementation = attn_implementation
-    with _default_dtype(dtype), no_init_weights():
-        vision = CLIPVisionModel(vision_config(vspec))
-        projector = build_projector(ckpt.projector_type, vspec.hidden_size, tspec.hidden_size)
-        lm = LlamaForCausalLM(tcfg)
-    vprefix = "vision_model." if hasattr(vision, "vision_model") else ""
-    load_strict(vision, ckpt.vision_tensors(), prefix=vprefix, what="vision", path=ckpt.root)
-    load_strict(projector, ckpt.projector_tensors(), prefix="", what="projector", path=ckpt.root)
-    load_strict(lm, ckpt.lm_tensors(), prefix="", what="language model", path=ckpt.root)
-    if tspec.tie_word_embeddings:
-        lm.tie_weights()
+    vision, projector, lm = build_loaded(ckpt, dtype, tcfg)
     lm.config.use_cache = False
     return LlavaForTraining(ckpt, vision, projector, lm, _tokenizer(ckpt),
                             vision_tower_dir=_vision_tower_dir(ckpt, vision_tower), feature_cache=feature_cache,
