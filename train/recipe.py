@@ -20,7 +20,7 @@ ViT, whose first layer is *pretrained on the world* (`vision_pretrain.py`, the s
 pretraining) before the LLaVA stages, which keep it frozen. With a random tower the tiny LM learnt the
 language but not the image (answer loss with the right image == with a shuffled one, even after
 thousands of fresh images on an H100); with the pretrained tower, 600 SFT steps on 2 CPU cores give a
-held-out answer loss of 0.23 with the right image vs 0.70 with a shuffled one (bench/image_use.py).
+held-out answer loss of 0.216 with the right image vs 0.668 with a shuffled one (bench/image_use.py).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from factedge.edge.errors import ConfigError, OutputError
 from factedge.train.base_model import BaseSpec, cached_base
 from factedge.train.config import LoraSettings, ModelConfig, OptimSettings, RMConfig, RunSettings, SFTConfig
 from factedge.train.reward_model import RM_DIR
-from factedge.train.vision_pretrain import VisionPretrain
 from factedge.train.rl_config import PPOConfig, RewardSettings, RLOptim, RolloutSettings
+from factedge.train.vision_pretrain import VisionPretrain
 from factedge.train.world.scene import WorldConfig
 
 Log = Callable[[str], None]
@@ -89,7 +89,8 @@ def _lora(r: int) -> LoraSettings:
 
 
 def recipe_preset(scale: str = "cpu", seed: int = 0) -> RecipeConfig:
-    """micro (tests, seconds) | cpu (the demo: ~8 minutes on 2 cores) | gpu (one H100: ~5 minutes)."""
+    """micro (tests, seconds) | cpu (the demo: ~9 minutes on 2 cores) | gpu (one H100; not yet timed with
+    the pretrained tower)."""
     if scale not in ("micro", "cpu", "gpu"):
         raise ConfigError(f"scale must be micro, cpu or gpu, not {scale!r}")
     gpu = scale == "gpu"
