@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(1)
     model = load_for_training(args.recipe / "LLaVA-RLHF-shapes" / "sft_model").eval()
     for split in ("world", "world/heldout"):
-        items = json.loads((args.recipe / split / "sft.json").read_text())[:args.n]
+        items = [it for it in json.loads((args.recipe / split / "sft.json").read_text()) if it.get("image")][:args.n]
         images = [args.recipe / split / "images" / it["image"] for it in items]
         encoded = [encode_conversation(it, model.tokenizer) for it in items]
         shuffled = images[:]

@@ -204,17 +204,6 @@ def test_abandoned_stream_keeps_the_chat_consistent(session):
     assert fresh.ask(Q3).tokens == a3.tokens
 
 
-def test_text_stream_is_utf8_safe_and_cuts_stop_strings():
-    from factedge.edge.chat import _TextStream
-
-    ts = _TextStream(["END"])
-    got = [ts.push(b) for b in (b" \xe5", b"\x85\x88 a", b"E", b"N", b"D tail")] + [ts.finish()]
-    assert "".join(got) == ts.text == "\u5148 a" and ts.stopped
-    assert all("\ufffd" not in g for g in got)
-    ts = _TextStream([])
-    assert "".join([ts.push(b"\xf0\x9f"), ts.push(b"\x98\x80 "), ts.push(b" "), ts.finish()]) == "\U0001F600"
-
-
 def test_pop_and_edit_equal_a_fresh_session(session):
     img = _image(2)
     s = session()

@@ -7,7 +7,8 @@ Layout of `out/` (each split is self-contained: its json files sit beside its `i
     scenes.json                {"<id>.png": scene dict}: what the judge checks answers against
     sft.json                   LLaVA conversations: one describe item + `questions_per_image` VQA /
                                multiple-choice items per image; a `sft_hallucination_rate` share of
-                               the describe answers carries one injected hallucination
+                               the describe answers carries one injected hallucination; plus
+                               `reading_per_image` text-only caption-reading items (reading.py)
     image_to_caption.json      {"<id>.png": [5 captions]}: the facts for the reward model
     preference.json            LLaVA-Human-Preference-10K items; `preference` = the judge's choice
                                (fewer hallucinations wins; ties broken by the MMHal score)
@@ -38,6 +39,7 @@ from .describe import captions
 from .hallucinate import corrupt_answer, corrupt_description
 from .judge import judge
 from .questions import DESCRIBE_PROMPTS, QA, QuestionSpec, describe_qa, make_spec, qa_of, vqa_items
+from .reading import reading_items
 from .render import render
 from .scene import Scene, WorldConfig, derive_seed, scene_for
 
@@ -204,6 +206,8 @@ def _write_split(root: Path, images_dir: Path, split: str, scenes: list[Scene], 
         items, inj = _sft_items(image, scene, rng, cfg)
         sft += items
         injected += inj
+        if cfg.reading_per_image:  # its own stream: the other files stay as without reading items
+            sft += reading_items(image.rsplit(".", 1)[0], scene, random.Random(derive_seed(seed, split, i, "read")), cfg)
         prefs += _preference_items(image, scene, rng, cfg)
         ppo += _ppo_items(image, scene, rng, cfg)
     files = WorldFiles(root, images_dir, root / "scenes.json", root / "sft.json", root / "image_to_caption.json",

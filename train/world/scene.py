@@ -123,6 +123,7 @@ class WorldConfig:
     # export knobs
     sft_hallucination_rate: float = 0.3  # share of SFT describe answers with one injected hallucination
     questions_per_image: int = 3  # SFT VQA / multiple-choice items per image (plus one describe item)
+    reading_per_image: int = 0  # text-only SFT items answered from / checked against captions (reading.py)
     pairs_per_image: int = 2  # preference pairs per image
     describe_pair_share: float = 0.6  # share of preference pairs on describe prompts
     ppo_prompts_per_image: int = 2
