@@ -38,16 +38,21 @@ def greedy(model, prompts: list[str], images: list | None, max_new_tokens: int =
 
 
 def first_word(text: str) -> str:
+    """The first sentence, lower-cased ("No. A shape is wrong." -> "no"): the reading answers' verdict."""
     return text.split(".")[0].strip().lower()
 
 
 def image_yes_no(model, split: Path, n: int) -> dict:
+    """Answers read by the judge's (POPE's) yes/no rule, truths too."""
+    from factedge.train.world.judge import parse_yes_no
+
     items = [x for x in json.loads((split / "sft.json").read_text())
              if x.get("image") and "Is there a" in x["conversations"][0]["value"]][:n]
-    said = greedy(model, [x["conversations"][0]["value"] for x in items], [split / "images" / x["image"] for x in items])
-    truth = [first_word(x["conversations"][1]["value"]) for x in items]
-    return {"n": len(items), "accuracy": sum(first_word(s) == t for s, t in zip(said, truth)) / len(items),
-            "said_yes": sum(first_word(s) == "yes" for s in said) / len(items),
+    said = [parse_yes_no(s) for s in greedy(model, [x["conversations"][0]["value"] for x in items],
+                                            [split / "images" / x["image"] for x in items])]
+    truth = [parse_yes_no(x["conversations"][1]["value"]) for x in items]
+    return {"n": len(items), "accuracy": sum(s == t for s, t in zip(said, truth)) / len(items),
+            "said_yes": sum(s == "yes" for s in said) / len(items),
             "truth_yes": sum(t == "yes" for t in truth) / len(items)}
 
 

@@ -9,9 +9,9 @@ stand-in for that pretraining, as `vision_pretrain.py` is for CLIP's: mixed into
 Two kinds, half each:
   - question:     the captions, then a world question; the answer is the reference answer.
   - verification: a description (true, or with 1-2 injected hallucinations), then the captions, then
-                  "Is the description fully supported by the captions?" -> "Yes." / "No. <first false
-                  claim's kind>". The text comes before the captions, as the response does in the
-                  reward prompt.
+                  "Is the description fully supported by the captions?" -> "Yes." / "No. <the kind of
+                  the first injected error>". The text comes before the captions, as the response
+                  does in the reward prompt.
 The plain RM starts from the same SFT model, so the facts-vs-plain comparison stays fair: only the
 fact RM has captions in its prompt to read.
 """
