@@ -5,7 +5,7 @@ and merges with PEFT's `merge_and_unload` needs the whole model in RAM. factedge
 is loaded, merged in float32, written and dropped. This script shows the difference side by side on a
 locally built LLaVA-RLHF-layout checkpoint (random weights, real shapes, bf16 .bin shards), each
 conversion in a fresh child process so its peak RSS is its own (wait4: the child and any
-llama-quantize it ran; the driver's memory never counts).
+quantizer child it ran; the driver's memory never counts).
 
     python bench/convert_memory.py --size 1gb          # ~1 GiB of f16 LM weights
     python bench/convert_memory.py --size small        # the shared tiny shapes: a smoke run
@@ -165,8 +165,8 @@ CHILDREN = {"build": child_build, "floor": child_floor, "convert": child_convert
 def child_main(kind: str, args: dict, result_path: Path) -> None:
     t0 = time.perf_counter()
     result = CHILDREN[kind](args)
-    # RUSAGE_CHILDREN would not isolate llama-quantize: Linux counts a forked child's inherited pages
-    # (the parent's RSS at exec) in its maxrss, so the driver measures llama-quantize on its own
+    # RUSAGE_CHILDREN would not isolate the quantizer child: Linux counts a forked child's inherited pages
+    # (the parent's RSS at exec) in its maxrss, so the driver measures the quantizer on its own
     result.update(work_s=round(time.perf_counter() - t0, 2), self_peak_mib=round(_maxrss_mib(resource.RUSAGE_SELF), 1))
     result_path.write_text(json.dumps(result))
 
@@ -186,7 +186,7 @@ def run_measured(cmd: list[str], quiet: bool = False) -> tuple[float, float]:
 
 
 def run_child(kind: str, args: dict, scratch: Path) -> dict:
-    """Run one measurement in a fresh interpreter (peak RSS: it and any llama-quantize it ran)."""
+    """Run one measurement in a fresh interpreter (peak RSS: it and any quantizer child it ran)."""
     result_path = scratch / f".result-{kind}-{os.getpid()}.json"
     result_path.unlink(missing_ok=True)
     wall, peak = run_measured([sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(args),
@@ -198,12 +198,12 @@ def run_child(kind: str, args: dict, scratch: Path) -> dict:
 
 
 def measure_quantize(f16: Path) -> dict:
-    """llama-quantize f16 -> Q4_K_M on its own, the native step of every mode."""
-    from factedge.edge.native import tool
+    """The quantizer child (libllama's llama_model_quantize) f16 -> Q4_K_M on its own, the native step
+    of every mode."""
+    from factedge.convert.quantize import quantize_command
 
     dst = f16.with_name(".bench-Q4_K_M.gguf")
-    wall, peak = run_measured([str(tool("llama-quantize")), str(f16), str(dst), "Q4_K_M", str(os.cpu_count() or 1)],
-                              quiet=True)
+    wall, peak = run_measured(quantize_command(f16, dst, "Q4_K_M"), quiet=True)
     dst.unlink()
     return {"s": round(wall, 2), "peak_mib": round(peak, 1)}
 
@@ -287,7 +287,7 @@ def report(size: str, root: Path, built: dict | None, floors: dict, runs: dict, 
         lines.append(f"| {labels[mode]} | {r['wall_s']:.1f} ({r['process_s']:.1f}) | {r['peak_mib']:.0f} | {f16:.0f} | "
                      f"{r['peak_mib'] / f16:.2f} | {(r['peak_mib'] - floor) / f16:.2f} | {_phase_text(r['phases'])} |")
     if quantize:
-        lines += ["", f"llama-quantize f16 -> Q4_K_M alone (same f16 file, started from the small driver): "
+        lines += ["", f"the quantizer child f16 -> Q4_K_M alone (same f16 file, started from the small driver): "
                       f"{quantize['s']:.1f} s, peak RSS {quantize['peak_mib']:.0f} MiB."]
     if note:
         lines += ["", note]
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of merge,adapter,naive")
     parser.add_argument("--keep", action="store_true", help="keep the converted bundles")
-    parser.add_argument("--no-quantize-alone", action="store_true", help="skip timing llama-quantize on its own")
+    parser.add_argument("--no-quantize-alone", action="store_true", help="skip timing the quantizer child on its own")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     if not set(modes) <= set(MODES):

@@ -29,7 +29,7 @@ from factedge.convert.specs import Checkpoint
 from factedge.edge.errors import ConfigError, OutputError
 from factedge.edge.manifest import (FINGERPRINT_KEY, LORA_MERGED_KEY, MANIFEST, BundleFile, Fingerprint, Manifest,
                                     sha256_file, write_atomic)
-from factedge.edge.native import tool
+from factedge.edge.native import native_dir
 
 LORA_MODES = ("merge", "adapter")
 BASE_TYPES = ("f32", "f16", "bf16")
@@ -164,9 +164,9 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 
 def check_native_tools(options: ConvertOptions) -> None:
-    """The native tools this conversion will need, found before any work (NativeError if not)."""
+    """The native libraries this conversion will need, found before any work (NativeError if not)."""
     if options.quants:
-        tool("llama-quantize")
+        native_dir()
 
 
 def convert_checkpoint(src: Path, out: Path, options: ConvertOptions | None = None,

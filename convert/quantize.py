@@ -1,7 +1,8 @@
-"""Quantization through llama.cpp itself: `llama-quantize` for the LM, ggml's kernels for the mmproj.
+"""Quantization through llama.cpp itself: libllama's quantizer for the LM, ggml's kernels for the mmproj.
 
-We never re-implement a quant format: the language model goes through the `llama-quantize` built
-with our patches, and the mmproj (a `clip` GGUF that llama-quantize does not take) through
+We never re-implement a quant format: the language model goes through `llama_model_quantize` of the
+libllama built with our patches (in a child process, quantize_worker.py: what `llama-quantize` runs,
+without the binary), and the mmproj (a `clip` GGUF that the LM quantizer does not take) through
 `ggml_quantize_chunk` of the same libggml, called row-block by row-block.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from factedge.edge.errors import ConfigError, NativeError, OutputError
-from factedge.edge.native import lib_dir, tool
+from factedge.edge.native import lib_dir
 
 # LM quant types offered (llama-quantize names); the first ones are the ones tests cover
 LM_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q5_K_S", "Q4_K_S", "Q5_0", "Q5_1", "Q4_1",
@@ -44,16 +46,22 @@ def check_mmproj_type(name: str) -> str:
     return norm
 
 
+def quantize_command(src: Path, dst: Path, quant: str, threads: int | None = None) -> list[str]:
+    """The child process that quantizes SRC -> DST (what `llama-quantize SRC DST QUANT THREADS` does)."""
+    quant = check_lm_quants([quant])[0]
+    return [sys.executable, "-m", "factedge.convert.quantize_worker", str(src), str(dst), quant,
+            str(threads or os.cpu_count() or 1)]
+
+
 def quantize_language_model(src: Path, dst: Path, quant: str, *, threads: int | None = None) -> Path:
-    """Run llama-quantize SRC -> DST; DST appears only when it succeeded."""
+    """Quantize SRC -> DST in a child process; DST appears only when it succeeded."""
     quant = check_lm_quants([quant])[0]
     tmp = dst.with_name(f".{dst.name}.tmp")
-    cmd = [str(tool("llama-quantize")), str(src), str(tmp), quant, str(threads or os.cpu_count() or 1)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(quantize_command(src, tmp, quant, threads), capture_output=True, text=True)
         if proc.returncode != 0:
-            tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
-            raise NativeError(f"llama-quantize {quant} failed ({tail})", src)
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            raise NativeError(f"quantizing to {quant} failed ({' | '.join(lines[-3:])})", src)
         os.replace(tmp, dst)
     except OSError as exc:
         raise OutputError(f"cannot write {quant} model: {exc.strerror or exc}", dst) from exc

@@ -1,8 +1,8 @@
 """Find and load the patched llama.cpp that factedge builds (one ggml per process).
 
-The top-level CMakeLists.txt installs the shared libraries, `llama-quantize`, `llama-mtmd-cli` and a
-few data files under `factedge/_native/`. llama-cpp-python is installed without native code of its
-own; we point it at our libraries through the variables it reads (`LLAMA_CPP_LIB_PATH`,
+The top-level CMakeLists.txt installs the shared libraries, a few data files and (unless built with
+FACTEDGE_TOOLS=OFF) `llama-quantize` and `llama-mtmd-cli` under `factedge/_native/`.
+llama-cpp-python is installed without native code of its own; we point it at our libraries through the variables it reads (`LLAMA_CPP_LIB_PATH`,
 `MTMD_CPP_LIB`) *before* it is imported, so the process maps exactly one libggml.
 """
 
@@ -59,10 +59,11 @@ def lib_dir() -> Path:
 
 
 def tool(name: str) -> Path:
-    """Path of a native tool (`llama-quantize`, `llama-mtmd-cli`)."""
+    """Path of a native tool (`llama-quantize`, `llama-mtmd-cli`): the benchmarks and tests run them."""
     exe = native_dir() / "bin" / (name + (".exe" if sys.platform == "win32" else ""))
     if not exe.is_file():
-        raise NativeError(f"native tool {name} missing from the factedge build", exe)
+        raise NativeError(f"native tool {name} missing from the factedge build "
+                          f"(build it with FACTEDGE_TOOLS=ON bash scripts/setup.sh)", exe)
     return exe
 
 

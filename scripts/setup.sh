@@ -3,6 +3,9 @@
 # native build (pinned llama.cpp + cpp_patches) compiled under build/. A second run with no change
 # is a no-op apart from pip's checks.
 #   FACTEDGE_BACKEND=cpu|cuda|metal|vulkan   ggml backend (default: cpu, metal on macOS)
+#   FACTEDGE_TOOLS=ON|OFF    also build llama-quantize and llama-mtmd-cli (2-3 minutes more on 2 cores;
+#                            the tests and benchmarks use them, factedge itself does not). Default: what
+#                            the existing build has, OFF for a first build; scripts/test.sh asks ON.
 #   PYTHON=python3.11                         interpreter for the venv
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,8 +42,13 @@ fi
 # ccache (used by llama.cpp's build when installed) shares results between clones at different paths
 export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$root}"
 backend="${FACTEDGE_BACKEND:-}"
-echo "factedge setup: building the native libraries (a no-change rebuild is a no-op)"
-args=(--no-build-isolation --editable ".[all]" -Cbuild-dir=build/native)
+tools="${FACTEDGE_TOOLS:-}"
+if [ -z "$tools" ]; then
+  tools="$(sed -n 's/^FACTEDGE_TOOLS:BOOL=//p' build/native/CMakeCache.txt 2>/dev/null || true)"
+  tools="${tools:-OFF}"
+fi
+echo "factedge setup: building the native libraries (tools: $tools; a no-change rebuild is a no-op)"
+args=(--no-build-isolation --editable ".[all]" -Cbuild-dir=build/native "-Ccmake.define.FACTEDGE_TOOLS=$tools")
 [ -n "$backend" ] && args+=("-Ccmake.define.FACTEDGE_BACKEND=$backend")
 pip_q "${args[@]}"
 echo "$deps_hash" > "$stamp"

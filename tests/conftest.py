@@ -55,12 +55,12 @@ def tiny_llava_rlhf() -> TinyCheckpoint:
 
 @pytest.fixture(scope="session")
 def native_tools():
-    """The patched llama.cpp build (llama-quantize path); tests that need it skip cleanly without it."""
+    """The patched llama.cpp build (its folder); tests that need it skip cleanly without it."""
     from factedge.edge.errors import NativeError
-    from factedge.edge.native import tool
+    from factedge.edge.native import native_dir
 
     try:
-        return tool("llama-quantize")
+        return native_dir()
     except NativeError as exc:
         pytest.skip(f"native llama.cpp build not available: {exc.reason}")
 

@@ -1,7 +1,7 @@
 """convert_checkpoint: one bundle per layout, a truthful manifest, every GGUF carrying the fingerprint,
 and a failure that leaves nothing behind.
 
-Needs the patched native build (llama-quantize); skipped without it.
+Needs the patched native build; skipped without it.
 """
 
 from __future__ import annotations
@@ -256,14 +256,14 @@ def test_unwritable_output_refused_before_any_work(tiny_llava_hf, tmp_path, monk
     assert _entries(tmp_path) == ["afile", "ro"] and _entries(ro) == []
 
 
-def test_missing_native_tool_refused_before_any_work(tiny_llava_hf, tmp_path, monkeypatch):
+def test_missing_native_build_refused_before_any_work(tiny_llava_hf, tmp_path, monkeypatch):
     import factedge.convert.bundle as bundle
 
-    def missing(name):
-        raise NativeError(f"native tool {name} missing from the factedge build", tmp_path / name)
+    def missing():
+        raise NativeError("patched llama.cpp libraries not found", tmp_path / "lib")
 
-    monkeypatch.setattr(bundle, "tool", missing)
+    monkeypatch.setattr(bundle, "native_dir", missing)
     monkeypatch.setattr(bundle, "load_checkpoint", lambda *a, **k: pytest.fail("checkpoint read"))
-    with pytest.raises(NativeError, match="llama-quantize"):
+    with pytest.raises(NativeError, match="libraries not found"):
         convert_checkpoint(Path(tiny_llava_hf.root), tmp_path / "out", ConvertOptions(**FAST))
     assert _entries(tmp_path) == []

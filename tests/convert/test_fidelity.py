@@ -154,6 +154,10 @@ def test_native_cli_gives_the_python_runtime_text(converted, tmp_path):
     from factedge.edge.sampling import SamplingOptions
     from factedge.edge.session import ChatOptions, VisionChat
 
+    from factedge.edge.native import build_info
+
+    if not build_info().get("tools", True):
+        pytest.skip("llama-mtmd-cli not built (FACTEDGE_TOOLS=OFF); scripts/test.sh builds it")
     ckpt, bundle, _ = converted
     size = ckpt.vision.image_size
     image = tmp_path / "img.png"  # model-sized: neither side resizes it

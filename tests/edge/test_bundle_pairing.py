@@ -23,10 +23,10 @@ FAST = {"verify": False, "quants": ["Q8_0"]}
 @pytest.fixture(scope="session", autouse=True)  # session: before the tiny checkpoints (they need its vocab)
 def native():
     pytest.importorskip("torch")
-    from factedge.edge.native import tool
+    from factedge.edge.native import native_dir
 
     try:
-        return tool("llama-quantize")
+        return native_dir()
     except NativeError as exc:
         pytest.skip(f"native llama.cpp build not available: {exc.reason}")
 

@@ -31,10 +31,10 @@ soak = _load_soak()
 
 @pytest.fixture(scope="module")
 def vision(tmp_path_factory, tiny_llava_hf):
-    from factedge.edge.native import tool
+    from factedge.edge.native import native_dir
 
     try:
-        tool("llama-quantize")
+        native_dir()
     except NativeError as exc:
         pytest.skip(f"native llama.cpp build not available: {exc.reason}")
     from factedge.convert.bundle import ConvertOptions, convert_checkpoint

@@ -1,6 +1,6 @@
 """Does the alignment survive quantization? Hallucination and POPE F1 per quant vs PyTorch.
 
-For one bundle: make the missing LM quants from its F16 file (llama-quantize, registered in the
+For one bundle: make the missing LM quants from its F16 file (llama.cpp's quantizer, registered in the
 manifest), run shapes-MMHal (hallucination rate = share of ratings < 3) and POPE (F1) on each quant
 and on the PyTorch checkpoint, and write report.json, a markdown section (into the bundle's model
 card and, if asked, BENCHMARKS.md, between markers so a rerun replaces it) and a PNG of hallucination
