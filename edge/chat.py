@@ -312,7 +312,7 @@ class ChatSession:
                 if text.stopped:
                     reason = "stop"
                     break
-                self.ctx.feed([[tok]])
+                self.ctx.step(tok)
                 self._kv.append(tok)
                 fed.append(tok)
                 if piece:

@@ -8,6 +8,7 @@ this module (sessions, verify, the CLI) speaks numpy arrays and token ids, never
 from __future__ import annotations
 
 import ctypes
+import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 
 from factedge.edge.errors import ConfigError, InputError, NativeError
 from factedge.edge.native import load_llama_cpp
+from factedge.edge.threadpool import ThreadPool
 
 _llama = load_llama_cpp()
 import llama_cpp.mtmd_cpp as _mtmd  # noqa: E402  (bound to our libraries by load_llama_cpp)
@@ -34,6 +36,13 @@ _llama.llama_log_set(_log_to_tail, ctypes.c_void_p(0))
 _mtmd.mtmd_log_set(_log_to_tail, ctypes.c_void_p(0))
 _mtmd.mtmd_helper_log_set(_log_to_tail, ctypes.c_void_p(0))
 _llama.llama_backend_init()
+
+
+def _usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 def native_log_tail(n: int = 8) -> str:
@@ -153,7 +162,7 @@ _KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 class ContextOptions:
     n_ctx: int = 2048
     n_batch: int = 512
-    n_threads: int = 0  # 0: llama.cpp's default
+    n_threads: int = 0  # 0: llama.cpp's default (4), capped at the CPUs this process may use
     kv_type: str = "f16"  # KV cache precision; "f32" for exact parity checks
     flash_attn: bool | None = None  # None: llama.cpp decides; False for exact parity checks
 
@@ -170,19 +179,30 @@ class Context(_Owned):
         params.n_ubatch = self.options.n_batch
         if self.options.n_threads > 0:
             params.n_threads = params.n_threads_batch = self.options.n_threads
+        else:  # llama.cpp's default (4), but never more threads than CPUs: pool workers poll
+            params.n_threads = params.n_threads_batch = min(params.n_threads, _usable_cpus())
         if self.options.kv_type not in _KV_TYPES:
             raise ConfigError(f"kv_type must be one of {', '.join(_KV_TYPES)}, not {self.options.kv_type!r}")
         params.type_k = params.type_v = _KV_TYPES[self.options.kv_type]
         if self.options.flash_attn is not None:
             params.flash_attn_type = int(self.options.flash_attn)
+        params.no_perf = False  # keep llama.cpp's own decode timers (`perf`): a few clock reads per decode
+        pool = ThreadPool(params.n_threads)  # one persistent pool for decodes and prompt batches (threadpool.py)
         ptr = _llama.llama_init_from_model(model.ptr, params)
         if not ptr:
+            pool.close()
             raise NativeError(f"cannot create a llama.cpp context ({native_log_tail()})", model.path)
-        self._ptr = ptr
+        self._ptr, self._pool = ptr, pool
+        pool.attach(ptr)
         self.n_past = 0
+        self._one = None  # the 1-token batch `step` reuses for every generated token
 
     def _free(self) -> None:
+        if self._one is not None:
+            _llama.llama_batch_free(self._one)
+            self._one = None
         _llama.llama_free(self._ptr)
+        self._pool.close()  # after the context: it may compute until freed
 
     @property
     def ptr(self):
@@ -241,6 +261,31 @@ class Context(_Owned):
             finally:
                 _llama.llama_batch_free(batch)
         return np.stack(out) if out else np.zeros((0, self.model.n_vocab), np.float32)
+
+    def perf(self, reset: bool = False) -> dict[str, float]:
+        """llama.cpp's own timers since the last reset (what `llama-mtmd-cli --perf` prints): prompt
+        batches (`p_eval`) and single-token decodes (`eval`), so speed can be compared on one counter."""
+        data = _llama.llama_perf_context(self._ptr)
+        out = {"p_eval_ms": data.t_p_eval_ms, "n_p_eval": data.n_p_eval, "eval_ms": data.t_eval_ms, "n_eval": data.n_eval}
+        if reset:
+            _llama.llama_perf_context_reset(self._ptr)
+        return out
+
+    def step(self, token: int) -> None:
+        """Decode one generated token. Its logits stay in the context for the sampler: nothing is
+        copied out and no batch is allocated, which is all the per-token work left to Python."""
+        if self.n_past + 1 > self.n_ctx:
+            raise InputError(f"generation needs {self.n_past + 1} positions but the context holds {self.n_ctx}")
+        if self._one is None:
+            self._one = _llama.llama_batch_init(1, 0, 1)
+        one = self._one
+        one.token[0], one.pos[0], one.n_seq_id[0], one.logits[0] = token, self.n_past, 1, 1
+        one.seq_id[0][0] = 0
+        one.n_tokens = 1
+        rc = _llama.llama_decode(self._ptr, one)
+        if rc != 0:
+            raise NativeError(f"llama_decode failed with {rc} ({native_log_tail()})", self.model.path)
+        self.n_past += 1
 
     def feed(self, segments: Sequence[Segment], *, all_logits: bool = False) -> np.ndarray:
         """Evaluate segments in order; logits for every position, or only the last one."""

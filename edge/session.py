@@ -17,6 +17,7 @@ from factedge.edge.image import ImageSource, load_image, prepare_image
 from factedge.edge.prompt import prompt_pieces, single_turn
 from factedge.edge.runtime import Context, ContextOptions, ImageEncoder, LoraAdapter, Model
 from factedge.edge.sampling import Sampler, SamplingOptions
+from factedge.edge.text_stream import TextStream
 
 
 @dataclass
@@ -122,6 +123,7 @@ class VisionChat:
 
     def _generate(self, sampling: SamplingOptions, stats: Stats) -> tuple[list[int], str, str]:
         sampler = Sampler(sampling, self.model.n_vocab)
+        text = TextStream(sampling.stop)
         tokens: list[int] = []
         start = time.perf_counter()
         reason = "length"
@@ -132,19 +134,17 @@ class VisionChat:
                     reason = "stop"
                     break
                 tokens.append(tok)
-                text = self.model.detokenize(tokens)
-                if any(s in text for s in sampling.stop):
+                text.push(self.model.piece(tok))  # incremental: no re-decoding of the whole answer per token
+                if text.stopped:
                     reason = "stop"
                     break
-                self.ctx.feed([[tok]])
+                self.ctx.step(tok)
         finally:
             sampler.close()
         stats.generate_s = time.perf_counter() - start
         stats.generated_tokens = len(tokens)
-        text = self.model.detokenize(tokens)
-        for s in sampling.stop:
-            text = text.split(s)[0] if s in text else text
-        return tokens, text.strip(), reason
+        text.finish()
+        return tokens, text.text, reason
 
     def close(self) -> None:
         for part in (self.ctx, self.adapter, self.encoder, self.model):
