@@ -19,7 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from factedge.edge.errors import ConfigError, NativeError, OutputError
-from factedge.edge.native import lib_dir
+from factedge.edge.native import linked_symbols
 
 # LM quant types offered (llama-quantize names); the first ones are the ones tests cover
 LM_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q5_K_S", "Q4_K_S", "Q5_0", "Q5_1", "Q4_1",
@@ -72,17 +72,14 @@ def quantize_language_model(src: Path, dst: Path, quant: str, *, threads: int | 
 
 @lru_cache(maxsize=1)
 def _ggml() -> ctypes.CDLL:
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
-        path = lib_dir() / name
-        if path.is_file():
-            lib = ctypes.CDLL(str(path))
-            lib.ggml_row_size.restype = ctypes.c_size_t
-            lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
-            lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-            lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-            return lib
-    raise NativeError("libggml-base not found in the factedge build", lib_dir())
+    """ggml-base's quantizer, from the copy libllama itself uses (edge.native.linked_symbols says why)."""
+    lib = linked_symbols()
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return lib
 
 
 def ggml_quantize(weights: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -103,3 +103,16 @@ def load_llama_cpp() -> ModuleType:
     except (OSError, RuntimeError) as exc:
         raise NativeError(f"cannot load the patched llama.cpp: {exc}", libs) from exc
     return llama_cpp
+
+
+def linked_symbols():
+    """A ctypes handle for ggml functions that llama-cpp-python does not bind (`ggml_threadpool_new`,
+    `ggml_quantize_chunk`, ...), resolved in the very libraries libllama was loaded with.
+
+    Why not `ctypes.CDLL(lib_dir() / "libggml-cpu.so")`: a wheel cannot hold symlinks, so an installed
+    build has `libggml-cpu.so`, `.so.0` and `.so.0.25.3` as three separate files; opening another name
+    than the one the loader picked maps a *second* ggml with its own globals (a thread pool made by it
+    computed garbage). dlsym on libllama's own handle searches libllama's dependencies instead.
+    """
+    return load_llama_cpp().llama_cpp._lib
+

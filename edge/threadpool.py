@@ -5,7 +5,7 @@ i.e. for every generated token, and the workers sleep between ops instead of pol
 attaches a pool (hybrid polling, ggml's default level 50) through llama.cpp's `common` code; without
 one, factedge decoded 11% slower than the CLI on the same files (BENCHMARKS.md, "factedge vs
 llama-mtmd-cli"). llama-cpp-python binds neither the pool nor `llama_attach_threadpool`, so this
-module does, on the libraries factedge built.
+module does, through libllama's own handle (`native.linked_symbols`: never a second copy of ggml).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import ctypes
 from functools import lru_cache
 
 from factedge.edge.errors import ConfigError, NativeError
-from factedge.edge.native import lib_dir
+from factedge.edge.native import linked_symbols
 
 _MAX_THREADS = 512  # GGML_MAX_N_THREADS: the size of the cpumask array in the struct
 
@@ -24,28 +24,20 @@ class _PoolParams(ctypes.Structure):
                 ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
 
 
-def _open(stem: str) -> ctypes.CDLL:
-    for name in (f"lib{stem}.so", f"lib{stem}.dylib", f"{stem}.dll"):
-        path = lib_dir() / name
-        if path.is_file():
-            return ctypes.CDLL(str(path))
-    raise NativeError(f"{stem} not found in the factedge build", lib_dir())
-
-
 @lru_cache(maxsize=1)
-def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL]:
-    base, cpu, llama = _open("ggml-base"), _open("ggml-cpu"), _open("llama")
-    base.ggml_threadpool_params_init.argtypes = [ctypes.POINTER(_PoolParams), ctypes.c_int]
-    base.ggml_threadpool_params_init.restype = None
-    cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(_PoolParams)]
-    cpu.ggml_threadpool_new.restype = ctypes.c_void_p
-    cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
-    cpu.ggml_threadpool_free.restype = None
-    llama.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    llama.llama_attach_threadpool.restype = None
-    llama.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
-    llama.llama_detach_threadpool.restype = None
-    return base, cpu, llama
+def _lib() -> ctypes.CDLL:
+    lib = linked_symbols()  # the ggml libllama uses, never a second copy (native.linked_symbols)
+    lib.ggml_threadpool_params_init.argtypes = [ctypes.POINTER(_PoolParams), ctypes.c_int]
+    lib.ggml_threadpool_params_init.restype = None
+    lib.ggml_threadpool_new.argtypes = [ctypes.POINTER(_PoolParams)]
+    lib.ggml_threadpool_new.restype = ctypes.c_void_p
+    lib.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+    lib.ggml_threadpool_free.restype = None
+    lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.llama_attach_threadpool.restype = None
+    lib.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
+    lib.llama_detach_threadpool.restype = None
+    return lib
 
 
 class ThreadPool:
@@ -55,23 +47,23 @@ class ThreadPool:
     def __init__(self, n_threads: int):
         if not 1 <= int(n_threads) <= _MAX_THREADS:  # ggml would crash, not fail, on 0
             raise ConfigError(f"a thread pool needs 1 to {_MAX_THREADS} threads, not {n_threads}")
-        base, cpu, _ = _libs()
+        lib = _lib()
         params = _PoolParams()
-        base.ggml_threadpool_params_init(ctypes.byref(params), int(n_threads))
+        lib.ggml_threadpool_params_init(ctypes.byref(params), int(n_threads))
         self.n_threads = int(n_threads)
-        self._ptr = cpu.ggml_threadpool_new(ctypes.byref(params))
+        self._ptr = lib.ggml_threadpool_new(ctypes.byref(params))
         if not self._ptr:
-            raise NativeError(f"cannot start a ggml thread pool of {n_threads} threads", lib_dir())
+            raise NativeError(f"cannot start a ggml thread pool of {n_threads} threads")
 
     def attach(self, ctx_ptr) -> None:
         """Use this pool for the context's single-token decodes and its prompt batches alike."""
-        _libs()[2].llama_attach_threadpool(ctx_ptr, self._ptr, self._ptr)
+        _lib().llama_attach_threadpool(ctx_ptr, self._ptr, self._ptr)
 
     @staticmethod
     def detach(ctx_ptr) -> None:
-        _libs()[2].llama_detach_threadpool(ctx_ptr)
+        _lib().llama_detach_threadpool(ctx_ptr)
 
     def close(self) -> None:
         if self._ptr:
-            _libs()[1].ggml_threadpool_free(self._ptr)
+            _lib().ggml_threadpool_free(self._ptr)
             self._ptr = None
