@@ -1,9 +1,10 @@
 """Find and load the patched llama.cpp that factedge builds (one ggml per process).
 
 The top-level CMakeLists.txt installs the shared libraries, a few data files and (unless built with
-FACTEDGE_TOOLS=OFF) `llama-quantize` and `llama-mtmd-cli` under `factedge/_native/`.
-llama-cpp-python is installed without native code of its own; we point it at our libraries through the variables it reads (`LLAMA_CPP_LIB_PATH`,
-`MTMD_CPP_LIB`) *before* it is imported, so the process maps exactly one libggml.
+FACTEDGE_TOOLS=OFF) `llama-quantize` and `llama-mtmd-cli` under `factedge/_native/`. llama-cpp-python
+is installed without native code of its own; we point it at our libraries through the variables it
+reads (`LLAMA_CPP_LIB_PATH`, `MTMD_CPP_LIB`) *before* it is imported, so the process maps exactly one
+libggml; ggml functions it does not bind are reached through libllama's handle (`linked_symbols`).
 """
 
 from __future__ import annotations
@@ -112,7 +113,11 @@ def linked_symbols():
     Why not `ctypes.CDLL(lib_dir() / "libggml-cpu.so")`: a wheel cannot hold symlinks, so an installed
     build has `libggml-cpu.so`, `.so.0` and `.so.0.25.3` as three separate files; opening another name
     than the one the loader picked maps a *second* ggml with its own globals (a thread pool made by it
-    computed garbage). dlsym on libllama's own handle searches libllama's dependencies instead.
+    computed garbage). dlsym on libllama's own handle searches libllama's dependencies instead. The
+    wrapper is our own (same handle, no new dlopen), so the argtypes callers set never touch
+    llama-cpp-python's bindings.
     """
-    return load_llama_cpp().llama_cpp._lib
+    import ctypes
 
+    bound = load_llama_cpp().llama_cpp._lib
+    return ctypes.CDLL(bound._name, handle=bound._handle)
