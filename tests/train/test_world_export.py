@@ -101,7 +101,7 @@ def test_sft_hallucinations_are_injected_at_the_rate(world):
 def test_preference_oracle_prefers_fewer_hallucinations(world):
     scenes = read_scenes(world.scenes)
     prefs = load(world.preference)
-    first = describe = 0
+    first = describe = longer = shorter = 0
     for x in prefs:
         scene, q = scenes[x["image"]], question(x)
         v1, v2 = judge(scene, x["output_1"]["value"], q), judge(scene, x["output_2"]["value"], q)
@@ -110,6 +110,10 @@ def test_preference_oracle_prefers_fewer_hallucinations(world):
         assert worse.hallucinated
         first += x["preference"] == 1
         describe += parse_question(q).topic == "describe"
+        words = [len(x[k]["value"].split()) for k in ("output_1", "output_2")]
+        gap = words[1] - words[0] if x["preference"] == 1 else words[0] - words[1]  # worse minus better
+        longer, shorter = longer + (gap > 0), shorter + (gap < 0)
+    assert shorter >= 0.4 * longer  # the worse side is often the shorter one too: length is no shortcut
     assert 0.38 <= first / len(prefs) <= 0.62  # the better side is random
     assert describe / len(prefs) >= 0.45  # plenty of describe pairs (what PPO improves)
 

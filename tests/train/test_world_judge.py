@@ -9,7 +9,8 @@ import pytest
 from factedge.edge.errors import ConfigError
 from factedge.train.world.claims import extract_claims
 from factedge.train.world.describe import captions, describe
-from factedge.train.world.hallucinate import DESCRIPTION_KINDS, corrupt_answer, corrupt_description
+from factedge.train.world.hallucinate import (DESCRIPTION_KINDS, MISSING_OBJECT, corrupt_answer, corrupt_description,
+                                              partial_description)
 from factedge.train.world.judge import judge, judge_choice, judge_yes_no, parse_choice, parse_yes_no
 from factedge.train.world.questions import VQA_MIX, make_spec, parse_question, qa_of, vqa_items
 from factedge.train.world.render import render
@@ -161,6 +162,27 @@ def test_every_injected_hallucination_is_detected():
             if bad is not None:
                 assert judge(s, bad.text, qa.question).hallucinated, (s, qa, bad)
     assert seen == set(DESCRIPTION_KINDS)
+
+
+def test_missing_object_and_partial_descriptions():
+    """The pair-only shapes: an under-count is shorter *and* false; a partial description is shorter and true."""
+    cfg = WorldConfig()
+    n_missing = n_partial = 0
+    for i, s in enumerate(scenes()):
+        rng = random.Random(i)
+        ref = describe(s)
+        part = partial_description(s, rng)
+        if len(s.objects) < 2:
+            assert part is None
+            continue
+        v = judge(s, part)
+        assert not v.hallucinated and len(part) < len(ref) and len(v.true_claims) >= 2, (s, part, v)
+        c = corrupt_description(s, rng, 1, cfg, (MISSING_OBJECT,))
+        v = judge(s, c.text)
+        assert c.kinds == (MISSING_OBJECT,) and v.hallucinated and len(c.text) < len(ref), (s, c, v)
+        assert any("object" in h for h in v.hallucinations)  # what is false is the count
+        n_missing, n_partial = n_missing + 1, n_partial + 1
+    assert n_missing >= 10 and n_partial >= 10
 
 
 def test_claims_reader_on_variants():

@@ -36,7 +36,7 @@ from pathlib import Path
 from factedge.edge.errors import CorruptFileError, InputError, OutputError
 
 from .describe import captions
-from .hallucinate import corrupt_answer, corrupt_description
+from .hallucinate import PAIR_KINDS, corrupt_answer, corrupt_description, partial_description
 from .judge import judge
 from .questions import DESCRIBE_PROMPTS, QA, QuestionSpec, describe_qa, make_spec, qa_of, vqa_items
 from .reading import reading_items
@@ -125,11 +125,16 @@ def _sft_items(image: str, scene: Scene, rng: random.Random, cfg: WorldConfig) -
 def _pair(scene: Scene, qa: QA, rng: random.Random, cfg: WorldConfig) -> tuple[str, str] | None:
     """(better, worse) answers to `qa` as the judge ranks them, or None if it cannot tell them apart."""
     roll = rng.random()
+    partial = partial_description(scene, rng) if qa.type == "describe" and roll >= 1 - cfg.partial_pair_share else None
     if qa.type == "describe" and roll < 0.25:
-        a, b = corrupt_description(scene, rng, 1, cfg), corrupt_description(scene, rng, 2, cfg)
+        a, b = corrupt_description(scene, rng, 1, cfg, PAIR_KINDS), corrupt_description(scene, rng, 2, cfg, PAIR_KINDS)
         first, second = a.text, b.text
+    elif partial is not None:  # true but incomplete vs complete with a false claim
+        first, second = partial, corrupt_description(scene, rng, 1, cfg, PAIR_KINDS).text
+    elif qa.type == "describe":
+        first, second = qa.answer, corrupt_description(scene, rng, 2 if roll < 0.4 else 1, cfg, PAIR_KINDS).text
     else:
-        bad = corrupt_answer(scene, qa.spec, rng, cfg, n=2 if qa.type == "describe" and roll < 0.4 else 1)
+        bad = corrupt_answer(scene, qa.spec, rng, cfg)
         if bad is None:
             return None
         first, second = qa.answer, bad.text

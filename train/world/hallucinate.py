@@ -22,6 +22,11 @@ from .scene import GRID, POSITION_NAMES, Obj, Scene, WorldConfig
 
 DESCRIPTION_KINDS = ("extra_object", "wrong_color", "wrong_shape", "wrong_count", "wrong_size", "wrong_position")
 _KIND_WEIGHTS = (3, 2, 2, 1, 1, 1)
+# the worse side of preference pairs may also under-count: one object left out *and* the count lowered to
+# match, a shorter text that is still false (without it "longer = worse" would be a sound shortcut)
+MISSING_OBJECT = "missing_object"
+PAIR_KINDS = DESCRIPTION_KINDS + (MISSING_OBJECT,)
+_PAIR_WEIGHTS = _KIND_WEIGHTS + (8,)
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,15 @@ def _apply(desc: Description, kind: str, scene: Scene, cfg: WorldConfig, rng: ra
             return None
         new = Mention(rng.choice(cfg.sizes), kind_[0], kind_[1], rng.choice(cells))
         return replace(desc, count=desc.count + 1).with_mentions([*mentions, new])
+    if kind == MISSING_OBJECT:  # drop an untouched mention (a corrupted one would take its error along)
+        if len(mentions) < 2 or desc.count != len(mentions) or not free_idx:
+            return None
+        i = rng.choice(free_idx)
+        del mentions[i]
+        shifted = {j - (j > i) for j in touched}
+        touched.clear()
+        touched.update(shifted)
+        return Description(desc.count - 1, tuple(mentions))
     if kind == "wrong_count":
         options = [n for n in (desc.count - 1, desc.count + 1) if n >= 1]
         return replace(desc, count=rng.choice(options))
@@ -89,12 +103,13 @@ def corrupt_description(scene: Scene, rng: random.Random, n: int = 1, cfg: World
     """The reference description with `n` injected hallucinations (each a different mention)."""
     cfg = cfg or WorldConfig()
     kinds = kinds or DESCRIPTION_KINDS
-    weights = [_KIND_WEIGHTS[DESCRIPTION_KINDS.index(k)] for k in kinds]
+    weights = [_PAIR_WEIGHTS[PAIR_KINDS.index(k)] for k in kinds]
+    count_kinds = ("wrong_count", "extra_object", MISSING_OBJECT)  # each changes the count: one per text
     for _ in range(50):
         desc, used, touched = description_of(scene), [], set()
         for _ in range(n):
             kind = rng.choices(kinds, weights=weights)[0]
-            if kind == "wrong_count" and "wrong_count" in used or kind == "extra_object" and "wrong_count" in used:
+            if kind in count_kinds and any(k in count_kinds for k in used):
                 continue
             out = _apply(desc, kind, scene, cfg, rng, touched)
             if out is not None:
@@ -104,6 +119,16 @@ def corrupt_description(scene: Scene, rng: random.Random, n: int = 1, cfg: World
         if len(used) == n and len(verdict.hallucinations) >= n:
             return Corruption(desc.text(), tuple(used), len(verdict.hallucinations))
     raise RuntimeError("could not corrupt the description")  # unreachable for valid configs
+
+
+def partial_description(scene: Scene, rng: random.Random) -> str | None:
+    """A true but incomplete description: the right count, one or more objects left unmentioned (the
+    better side of a pair against a complete description that claims something false); None for one object."""
+    desc = description_of(scene)
+    if len(desc.mentions) < 2:
+        return None
+    keep = sorted(rng.sample(range(len(desc.mentions)), rng.randint(1, len(desc.mentions) - 1)))
+    return Description(desc.count, tuple(desc.mentions[i] for i in keep)).text()
 
 
 # ---- answers: the same question answered on a slightly different scene ------------------------

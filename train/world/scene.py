@@ -126,6 +126,7 @@ class WorldConfig:
     reading_per_image: int = 0  # text-only SFT items answered from / checked against captions (reading.py)
     pairs_per_image: int = 2  # preference pairs per image
     describe_pair_share: float = 0.6  # share of preference pairs on describe prompts
+    partial_pair_share: float = 0.15  # share of describe pairs whose better side is true but incomplete
     ppo_prompts_per_image: int = 2
     describe_prompt_share: float = 0.5  # share of PPO prompts that ask for a description
     heldout_fraction: float = 0.1  # held-out images per train image (at least 1)
@@ -146,7 +147,7 @@ class WorldConfig:
         most = min(GRID * GRID, len(self.shapes) * len(self.colors))
         if not 1 <= self.min_objects <= self.max_objects <= most:
             raise ConfigError(f"need 1 <= min_objects <= max_objects <= {most}")
-        for name in ("sft_hallucination_rate", "describe_pair_share", "describe_prompt_share", "jitter"):
+        for name in ("sft_hallucination_rate", "describe_pair_share", "partial_pair_share", "describe_prompt_share", "jitter"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be within [0, 1]")
         if self.image_size < 32:

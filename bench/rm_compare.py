@@ -1,0 +1,117 @@
+"""Fact RM vs plain RM on the SFT models of finished recipes, with the current world's preference pairs.
+
+Why: the RM comparison is the part of the recipe that the pair data decides, and retraining SFT for
+every change of the pairs costs ~5 minutes a seed. A recipe's SFT model is reused only if the current
+world code writes byte-identical SFT data for that recipe's seed and config (checked; otherwise the
+script stops). Then, per recipe: the fact-augmented RM and the plain RM are trained with the recipe's
+own RM settings on the same pairs, and both are scored on the held-out pairs. Accuracy is split by
+which side is longer (worse longer / worse shorter / same length), because a length shortcut gives the
+plain and the fact RM the same score without reading anything.
+
+    python bench/rm_compare.py RECIPE_DIR [RECIPE_DIR ...] --json out/rm_compare.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fact_rlhf import ensure_factedge  # noqa: E402
+
+GAPS = ("worse_longer", "worse_shorter", "same_length")
+
+
+def _gap(item: dict) -> str:
+    words = [len(item[k]["value"].split()) for k in ("output_1", "output_2")]
+    worse_minus_better = words[1] - words[0] if item["preference"] == 1 else words[0] - words[1]
+    return GAPS[0] if worse_minus_better > 0 else GAPS[1] if worse_minus_better < 0 else GAPS[2]
+
+
+def split_accuracy(rm_dir: Path, sft: Path, world, rm_cfg, facts: dict | None) -> dict:
+    """Held-out pairwise accuracy overall and per length gap (facts shuffled with a fixed seed)."""
+    import torch
+
+    from factedge.train.config import ModelConfig
+    from factedge.train.model import load_from_config
+    from factedge.train.reward_model import RewardModel
+    from factedge.train.rm import PairScorer, load_pairs
+
+    cfg = dataclasses.replace(rm_cfg, use_facts=facts is not None, model=ModelConfig(base=str(sft), dtype="float32"))
+    model = load_from_config(cfg.model)
+    model.requires_grad_(False)
+    rm = RewardModel.load(model, rm_dir)
+    rm.eval()
+    pairs = load_pairs(world.heldout.preference, cfg, facts)
+    scorer = PairScorer(rm, cfg)
+    hits: dict[str, list[bool]] = {g: [] for g in GAPS}
+    with torch.no_grad():
+        for i in range(0, len(pairs), 8):
+            chunk = pairs[i:i + 8]
+            r1, r2, _ = scorer.rewards(rm, chunk, [f"eval:{i + k}" for k in range(len(chunk))])
+            for p, a, b in zip(chunk, r1.tolist(), r2.tolist()):
+                hits[_gap(p.item)].append((b - a >= 0) == (p.item["preference"] == 2))
+    every = [h for g in GAPS for h in hits[g]]
+    out = {"accuracy": sum(every) / len(every), "n": len(every)}
+    for g in GAPS:
+        out[g] = sum(hits[g]) / len(hits[g]) if hits[g] else float("nan")
+        out[g + "_n"] = len(hits[g])
+    return out
+
+
+def compare(recipe: Path, work: Path, threads: int) -> dict:
+    import torch
+
+    from factedge.train.recipe import ROOT_NAME, _rm, recipe_preset
+    from factedge.train.world.export import write_world
+    from factedge.train.world.scene import WorldConfig
+
+    if threads:
+        torch.set_num_threads(threads)
+    meta = json.loads((recipe / "recipe.json").read_text())
+    cfg = recipe_preset(meta["config"]["scale"], meta["config"]["seed"])
+    world_cfg = dataclasses.replace(cfg.world, **{k: v for k, v in meta["config"]["world"].items()
+                                                  if k in {f.name for f in dataclasses.fields(WorldConfig)}})
+    cfg = dataclasses.replace(cfg, world=world_cfg, n_images=meta["config"]["n_images"])
+    work.mkdir(parents=True, exist_ok=True)
+    world = write_world(work / "world", cfg.n_images, cfg.seed, cfg.world)
+    if world.sft.read_bytes() != (recipe / "world" / "sft.json").read_bytes():
+        raise SystemExit(f"{recipe}: the current world writes different SFT data; run the recipe again instead")
+    sft = recipe / ROOT_NAME / "sft_model"
+    facts = json.loads(world.captions.read_text()) | json.loads(world.heldout.captions.read_text())
+    row = {"recipe": str(recipe), "seed": cfg.seed, "pairs": world.counts["preference"]}
+    for name, use_facts in (("fact", True), ("plain", False)):
+        out = _rm(cfg, world, sft, work, f"rm_{name}", use_facts, None)
+        row[name] = split_accuracy(out, sft, world, cfg.rm, facts if use_facts else None)
+        print(json.dumps({"seed": cfg.seed, name: row[name]}), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("recipes", nargs="+", type=Path)
+    ap.add_argument("--work", type=Path, default=Path(".cache/bench/rm_compare"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    ensure_factedge()
+    random.seed(0)
+    rows = [compare(r, args.work / r.name, args.threads) for r in args.recipes]
+    print("\n| seed | pairs | RM | held-out accuracy | worse longer | worse shorter | same length |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        for name in ("fact", "plain"):
+            r = row[name]
+            print(f"| {row['seed']} | {row['pairs']} | {name} | {r['accuracy']:.3f} | {r['worse_longer']:.3f} "
+                  f"({r['worse_longer_n']}) | {r['worse_shorter']:.3f} ({r['worse_shorter_n']}) | "
+                  f"{r['same_length']:.3f} ({r['same_length_n']}) |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
