@@ -6,7 +6,9 @@ world code writes byte-identical SFT data for that recipe's seed and config (che
 script stops). Then, per recipe: the fact-augmented RM and the plain RM are trained with the recipe's
 own RM settings on the same pairs, and both are scored on the held-out pairs. Accuracy is split by
 which side is longer (worse longer / worse shorter / same length), because a length shortcut gives the
-plain and the fact RM the same score without reading anything.
+plain and the fact RM the same score without reading anything. `--likelihood` adds a row with no RM:
+the SFT model's own log-likelihood of each side given the image (and given another held-out image),
+which shows whether the information a plain RM would need is in the model at all.
 
     python bench/rm_compare.py RECIPE_DIR [RECIPE_DIR ...] --json out/rm_compare.json
 """
@@ -54,6 +56,42 @@ def split_accuracy(rm_dir: Path, sft: Path, world, rm_cfg, facts: dict | None) -
             r1, r2, _ = scorer.rewards(rm, chunk, [f"eval:{i + k}" for k in range(len(chunk))])
             for p, a, b in zip(chunk, r1.tolist(), r2.tolist()):
                 hits[_gap(p.item)].append((b - a >= 0) == (p.item["preference"] == 2))
+    return _summary(hits)
+
+
+def likelihood_accuracy(sft: Path, world, shuffled: bool) -> dict:
+    """Pairs ranked by the SFT model's summed log-likelihood of each response (right or another image)."""
+    import torch
+    import torch.nn.functional as F
+
+    from factedge.train.config import ModelConfig
+    from factedge.train.conversation import encode_conversation
+    from factedge.train.model import load_from_config, next_token_targets
+
+    model = load_from_config(ModelConfig(base=str(sft), dtype="float32"))
+    model.requires_grad_(False)
+    model.train(False)
+    items = json.loads(world.heldout.preference.read_text())
+    images = sorted({x["image"] for x in items})
+    rng = random.Random(0)
+
+    def loglik(item: dict, response: str, image: str) -> float:
+        one = dict(item, conversations=[item["conversations"][0], {"from": "gpt", "value": response}])
+        ids, labels = encode_conversation(one, model.tokenizer)
+        spliced = model.splice([ids], model.embed_images([world.heldout.images / image]), labels=[labels])
+        mask, targets = next_token_targets(spliced.labels)
+        return -F.cross_entropy(model(spliced, logits_at=mask).float(), targets, reduction="sum").item()
+
+    hits: dict[str, list[bool]] = {g: [] for g in GAPS}
+    with torch.no_grad():
+        for x in items:
+            image = rng.choice([i for i in images if i != x["image"]]) if shuffled else x["image"]
+            l1, l2 = (loglik(x, x[k]["value"], image) for k in ("output_1", "output_2"))
+            hits[_gap(x)].append((l2 > l1) == (x["preference"] == 2))
+    return _summary(hits)
+
+
+def _summary(hits: dict[str, list[bool]]) -> dict:
     every = [h for g in GAPS for h in hits[g]]
     out = {"accuracy": sum(every) / len(every), "n": len(every)}
     for g in GAPS:
@@ -62,10 +100,11 @@ def split_accuracy(rm_dir: Path, sft: Path, world, rm_cfg, facts: dict | None) -
     return out
 
 
-def compare(recipe: Path, work: Path, threads: int) -> dict:
+def compare(recipe: Path, work: Path, threads: int, likelihood: bool, reuse: bool) -> dict:
     import torch
 
     from factedge.train.recipe import ROOT_NAME, _rm, recipe_preset
+    from factedge.train.reward_model import RM_DIR
     from factedge.train.world.export import write_world
     from factedge.train.world.scene import WorldConfig
 
@@ -84,9 +123,15 @@ def compare(recipe: Path, work: Path, threads: int) -> dict:
     facts = json.loads(world.captions.read_text()) | json.loads(world.heldout.captions.read_text())
     row = {"recipe": str(recipe), "seed": cfg.seed, "pairs": world.counts["preference"]}
     for name, use_facts in (("fact", True), ("plain", False)):
-        out = _rm(cfg, world, sft, work, f"rm_{name}", use_facts, None)
+        out = work / "runs" / f"rm_{name}" / RM_DIR
+        if not (reuse and out.is_dir()):
+            out = _rm(cfg, world, sft, work, f"rm_{name}", use_facts, None)
         row[name] = split_accuracy(out, sft, world, cfg.rm, facts if use_facts else None)
         print(json.dumps({"seed": cfg.seed, name: row[name]}), flush=True)
+    if likelihood:
+        for name, shuffled in (("sft_likelihood", False), ("sft_likelihood_other_image", True)):
+            row[name] = likelihood_accuracy(sft, world, shuffled)
+            print(json.dumps({"seed": cfg.seed, name: row[name]}), flush=True)
     return row
 
 
@@ -96,14 +141,18 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(".cache/bench/rm_compare"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--likelihood", action="store_true", help="also rank pairs by the SFT model's likelihood")
+    ap.add_argument("--reuse", action="store_true", help="keep RMs already trained under --work (same world code only)")
     args = ap.parse_args()
     ensure_factedge()
     random.seed(0)
-    rows = [compare(r, args.work / r.name, args.threads) for r in args.recipes]
+    rows = [compare(r, args.work / r.name, args.threads, args.likelihood, args.reuse) for r in args.recipes]
     print("\n| seed | pairs | RM | held-out accuracy | worse longer | worse shorter | same length |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
-        for name in ("fact", "plain"):
+        for name in ("fact", "plain", "sft_likelihood", "sft_likelihood_other_image"):
+            if name not in row:
+                continue
             r = row[name]
             print(f"| {row['seed']} | {row['pairs']} | {name} | {r['accuracy']:.3f} | {r['worse_longer']:.3f} "
                   f"({r['worse_longer_n']}) | {r['worse_shorter']:.3f} ({r['worse_shorter_n']}) | "
