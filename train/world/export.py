@@ -125,13 +125,13 @@ def _sft_items(image: str, scene: Scene, rng: random.Random, cfg: WorldConfig) -
 def _pair(scene: Scene, qa: QA, rng: random.Random, cfg: WorldConfig) -> tuple[str, str] | None:
     """(better, worse) answers to `qa` as the judge ranks them, or None if it cannot tell them apart."""
     roll = rng.random()
-    partial = partial_description(scene, rng) if qa.type == "describe" and roll >= 1 - cfg.partial_pair_share else None
-    if qa.type == "describe" and roll < 0.25:
+    describe = qa.type == "describe"
+    if describe and roll < 0.25:
         a, b = corrupt_description(scene, rng, 1, cfg, PAIR_KINDS), corrupt_description(scene, rng, 2, cfg, PAIR_KINDS)
         first, second = a.text, b.text
-    elif partial is not None:  # true but incomplete vs complete with a false claim
-        first, second = partial, corrupt_description(scene, rng, 1, cfg, PAIR_KINDS).text
-    elif qa.type == "describe":
+    elif describe and roll >= 1 - cfg.partial_pair_share and (partial := partial_description(scene, rng)):
+        first, second = partial, corrupt_description(scene, rng, 1, cfg, PAIR_KINDS).text  # true but incomplete
+    elif describe:
         first, second = qa.answer, corrupt_description(scene, rng, 2 if roll < 0.4 else 1, cfg, PAIR_KINDS).text
     else:
         bad = corrupt_answer(scene, qa.spec, rng, cfg)

@@ -21,12 +21,11 @@ from .questions import _OPPOSITE, _REL_PHRASE, QuestionSpec
 from .scene import GRID, POSITION_NAMES, Obj, Scene, WorldConfig
 
 DESCRIPTION_KINDS = ("extra_object", "wrong_color", "wrong_shape", "wrong_count", "wrong_size", "wrong_position")
-_KIND_WEIGHTS = (3, 2, 2, 1, 1, 1)
 # the worse side of preference pairs may also under-count: one object left out *and* the count lowered to
 # match, a shorter text that is still false (without it "longer = worse" would be a sound shortcut)
 MISSING_OBJECT = "missing_object"
 PAIR_KINDS = DESCRIPTION_KINDS + (MISSING_OBJECT,)
-_PAIR_WEIGHTS = _KIND_WEIGHTS + (8,)
+_KIND_WEIGHTS = dict(zip(PAIR_KINDS, (3, 2, 2, 1, 1, 1, 8)))
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ def corrupt_description(scene: Scene, rng: random.Random, n: int = 1, cfg: World
     """The reference description with `n` injected hallucinations (each a different mention)."""
     cfg = cfg or WorldConfig()
     kinds = kinds or DESCRIPTION_KINDS
-    weights = [_PAIR_WEIGHTS[PAIR_KINDS.index(k)] for k in kinds]
+    weights = [_KIND_WEIGHTS[k] for k in kinds]
     count_kinds = ("wrong_count", "extra_object", MISSING_OBJECT)  # each changes the count: one per text
     for _ in range(50):
         desc, used, touched = description_of(scene), [], set()
