@@ -34,33 +34,27 @@ def _gap(item: dict) -> str:
 
 
 def split_accuracy(rm_dir: Path, sft: Path, world, rm_cfg, facts: dict | None) -> dict:
-    """Held-out pairwise accuracy overall and per length gap (facts shuffled with a fixed seed)."""
-    import torch
-
+    """Held-out pairwise accuracy overall and per length gap, scored as the recipe's own evaluation
+    does (rm.heldout_rewards: the same fact shuffles, so "accuracy" equals the recipe's figure)."""
     from factedge.train.config import ModelConfig
     from factedge.train.model import load_from_config
     from factedge.train.reward_model import RewardModel
-    from factedge.train.rm import PairScorer, load_pairs
+    from factedge.train.rm import PairScorer, heldout_rewards, load_pairs
 
     cfg = dataclasses.replace(rm_cfg, use_facts=facts is not None, model=ModelConfig(base=str(sft), dtype="float32"))
     model = load_from_config(cfg.model)
     model.requires_grad_(False)
-    rm = RewardModel.load(model, rm_dir)
-    rm.eval()
     pairs = load_pairs(world.heldout.preference, cfg, facts)
-    scorer = PairScorer(rm, cfg)
+    r1, r2 = heldout_rewards(PairScorer(RewardModel.load(model, rm_dir), cfg), pairs, cfg.run.seed)
     hits: dict[str, list[bool]] = {g: [] for g in GAPS}
-    with torch.no_grad():
-        for i in range(0, len(pairs), 8):
-            chunk = pairs[i:i + 8]
-            r1, r2, _ = scorer.rewards(rm, chunk, [f"eval:{i + k}" for k in range(len(chunk))])
-            for p, a, b in zip(chunk, r1.tolist(), r2.tolist()):
-                hits[_gap(p.item)].append((b - a >= 0) == (p.item["preference"] == 2))
+    for p, a, b in zip(pairs, r1.tolist(), r2.tolist()):
+        hits[_gap(p.item)].append((b - a >= 0) == (p.item["preference"] == 2))
     return _summary(hits)
 
 
-def likelihood_accuracy(sft: Path, world, shuffled: bool) -> dict:
-    """Pairs ranked by the SFT model's summed log-likelihood of each response (right or another image)."""
+def likelihood_accuracy(sft: Path, world) -> dict[str, dict]:
+    """Pairs ranked by the SFT model's summed log-likelihood of each response, given the pair's image
+    ("sft_likelihood") and given another held-out image ("sft_likelihood_other_image")."""
     import torch
     import torch.nn.functional as F
 
@@ -82,13 +76,14 @@ def likelihood_accuracy(sft: Path, world, shuffled: bool) -> dict:
         mask, targets = next_token_targets(spliced.labels)
         return -F.cross_entropy(model(spliced, logits_at=mask).float(), targets, reduction="sum").item()
 
-    hits: dict[str, list[bool]] = {g: [] for g in GAPS}
+    hits = {name: {g: [] for g in GAPS} for name in ("sft_likelihood", "sft_likelihood_other_image")}
     with torch.no_grad():
         for x in items:
-            image = rng.choice([i for i in images if i != x["image"]]) if shuffled else x["image"]
-            l1, l2 = (loglik(x, x[k]["value"], image) for k in ("output_1", "output_2"))
-            hits[_gap(x)].append((l2 > l1) == (x["preference"] == 2))
-    return _summary(hits)
+            other = rng.choice([i for i in images if i != x["image"]])
+            for name, image in zip(hits, (x["image"], other)):
+                l1, l2 = (loglik(x, x[k]["value"], image) for k in ("output_1", "output_2"))
+                hits[name][_gap(x)].append((l2 > l1) == (x["preference"] == 2))
+    return {name: _summary(h) for name, h in hits.items()}
 
 
 def _summary(hits: dict[str, list[bool]]) -> dict:
@@ -129,9 +124,9 @@ def compare(recipe: Path, work: Path, threads: int, likelihood: bool, reuse: boo
         row[name] = split_accuracy(out, sft, world, cfg.rm, facts if use_facts else None)
         print(json.dumps({"seed": cfg.seed, name: row[name]}), flush=True)
     if likelihood:
-        for name, shuffled in (("sft_likelihood", False), ("sft_likelihood_other_image", True)):
-            row[name] = likelihood_accuracy(sft, world, shuffled)
-            print(json.dumps({"seed": cfg.seed, name: row[name]}), flush=True)
+        row |= likelihood_accuracy(sft, world)
+        print(json.dumps({"seed": cfg.seed, **{k: row[k] for k in ("sft_likelihood", "sft_likelihood_other_image")}}),
+              flush=True)
     return row
 
 
@@ -145,7 +140,6 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep RMs already trained under --work (same world code only)")
     args = ap.parse_args()
     ensure_factedge()
-    random.seed(0)
     rows = [compare(r, args.work / r.name, args.threads, args.likelihood, args.reuse) for r in args.recipes]
     print("\n| seed | pairs | RM | held-out accuracy | worse longer | worse shorter | same length |")
     print("|---|---|---|---|---|---|---|")

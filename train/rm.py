@@ -119,10 +119,8 @@ def _preference(pairs: Sequence[Pair], device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_pairs(scorer: PairScorer, pairs: Sequence[Pair], seed: int, batch: int = 8) -> dict[str, float]:
-    """Held-out pairwise accuracy, BT loss and mean reward (facts shuffled with a fixed seed)."""
-    if not pairs:
-        return {}
+def heldout_rewards(scorer: PairScorer, pairs: Sequence[Pair], seed: int, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r1, r2) per held-out pair, in eval mode, facts shuffled with a fixed per-(seed, pair) rng."""
     scorer.rm.eval()
     r1s, r2s = [], []
     for i in range(0, len(pairs), batch):
@@ -130,7 +128,14 @@ def evaluate_pairs(scorer: PairScorer, pairs: Sequence[Pair], seed: int, batch: 
         r1, r2, _ = scorer.rewards(scorer.rm, chunk, [f"{seed}:eval:{i + k}" for k in range(len(chunk))])
         r1s.append(r1)
         r2s.append(r2)
-    r1, r2 = torch.cat(r1s), torch.cat(r2s)
+    return torch.cat(r1s), torch.cat(r2s)
+
+
+def evaluate_pairs(scorer: PairScorer, pairs: Sequence[Pair], seed: int, batch: int = 8) -> dict[str, float]:
+    """Held-out pairwise accuracy, BT loss and mean reward (facts shuffled with a fixed seed)."""
+    if not pairs:
+        return {}
+    r1, r2 = heldout_rewards(scorer, pairs, seed, batch)
     loss, acc = pairwise_loss(r1, r2, _preference(pairs, r1.device), scorer.cfg.centering_coef)
     return {"eval_accuracy": float(acc), "eval_loss": float(loss), "eval_reward_mean": float((r1 + r2).mean() / 2)}
 
