@@ -26,6 +26,7 @@ import io
 import struct
 import warnings
 import zlib
+from functools import lru_cache
 from pathlib import Path
 from typing import Union
 
@@ -194,8 +195,27 @@ def prepare_image(
 
 
 def normalize(arr: np.ndarray, mean, std) -> np.ndarray:
-    """float32 CHW pixel values, computed like HF: x * (1/255) in float64 -> float32, (x - mean) / std."""
+    """float32 CHW pixel values, computed like HF: x * (1/255) in float64 -> float32, (x - mean) / std.
+    A uint8 image has 256 values per channel, so those go through a table of the same arithmetic
+    (bit-identical, ~10x faster: this ran on every training image)."""
+    if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == len(mean) == len(std):
+        table = _normalize_table(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+        out = np.empty((arr.shape[2], *arr.shape[:2]), np.float32)
+        for c in range(arr.shape[2]):
+            np.take(table[c], arr[:, :, c], out=out[c])
+        return out
+    return _normalize_arithmetic(arr, mean, std)
+
+
+def _normalize_arithmetic(arr: np.ndarray, mean, std) -> np.ndarray:
     scaled = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
     mean32 = np.asarray(mean, dtype=np.float32)
     std32 = np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(((scaled - mean32) / std32).transpose(2, 0, 1))
+
+
+@lru_cache(maxsize=8)
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 [channels, 256]: `_normalize_arithmetic` of every uint8 value, per channel."""
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, len(mean)))
+    return np.ascontiguousarray(_normalize_arithmetic(values[None], mean, std)[:, 0, :])

@@ -64,6 +64,21 @@ def test_prepare_image_matches_hf_clip_processor(size, width, height):
     assert float(np.abs(ours - ref).max()) <= 1e-6
 
 
+def test_normalize_table_is_bit_identical_to_the_arithmetic():
+    """uint8 images go through a per-channel table; float input (and any other shape) through the
+    arithmetic. Both must give exactly the same float32 values: training weights depend on them."""
+    rng = np.random.default_rng(7)
+    arr = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    arr[0, :3] = [[0, 0, 0], [255, 255, 255], [128, 1, 254]]
+    fast = normalize(arr, CLIP_MEAN, CLIP_STD)
+    slow = normalize(arr.astype(np.float64), CLIP_MEAN, CLIP_STD)  # float input: the arithmetic path
+    assert fast.dtype == slow.dtype == np.float32 and fast.shape == (3, 37, 53) and fast.flags.c_contiguous
+    assert np.array_equal(fast, slow)
+    # the values themselves, worked by hand for channel 0 at 0 and 255: (x/255 - mean) / std
+    assert fast[0, 0, 0] == np.float32((np.float32(0.0) - np.float32(CLIP_MEAN[0])) / np.float32(CLIP_STD[0]))
+    assert fast[0, 0, 1] == np.float32((np.float32(1.0) - np.float32(CLIP_MEAN[0])) / np.float32(CLIP_STD[0]))
+
+
 def test_prepare_image_is_uint8_square_and_native_size_is_untouched():
     img = _photo(224, 224)
     out = prepare_image(img, 224)

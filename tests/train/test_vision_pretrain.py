@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from factedge.train.base_model import small_spec
-from factedge.train.vision_pretrain import VisionPretrain, Vocab, pretrain_tower_folder, patch_targets
+from factedge.train.vision_pretrain import VisionPretrain, Vocab, _read_layer_only, pretrain_tower_folder, patch_targets
 from factedge.train.world.scene import Obj, Scene, WorldConfig
 
 
@@ -67,6 +67,26 @@ def test_only_the_read_layers_change(pretrained):
             layer = int(k.split(".encoder.layers.")[1].split(".")[0])
             assert (k in changed) == (layer < read), k
     assert "vision_model.embeddings.patch_embedding.weight" in changed
+
+
+def test_truncated_tower_reads_the_same_layer():
+    """Pretraining runs the tower only up to the read layer: that layer's output must be exactly the
+    full tower's hidden_states[feature_layer], and the later layers must come back afterwards."""
+    from transformers import CLIPVisionModel
+
+    from factedge.convert.reference import vision_config
+
+    spec = dataclasses.replace(small_spec().vision, num_layers=3)
+    torch.manual_seed(0)
+    model = CLIPVisionModel(vision_config(spec)).eval()
+    pixels = torch.randn(2, 3, spec.image_size, spec.image_size)
+    with torch.no_grad():
+        full = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        with _read_layer_only(model, spec.feature_layer) as layer:
+            assert layer == 2 and len(model.encoder.layers) == 2
+            short = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    assert len(model.encoder.layers) == 3
+    assert torch.equal(short[layer], full[spec.feature_layer])
 
 
 def test_learns_colours_above_chance(pretrained):
