@@ -8,6 +8,7 @@ import warnings
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from factedge.convert.cli import _Bars, _progress
 from factedge.train.demo import DEMO_SEED, DemoOptions, DemoResult, run_demo, should_chat
@@ -16,20 +17,29 @@ console = Console(stderr=True)
 
 
 def verdict_text(v) -> str:
-    """'6 ok' or '1 HALLUCINATED: a red square; ...' (the judge's score and false claims)."""
+    """'score 6/6, ok' or 'score 1/6, hallucinated: a red square; ...' (the judge's score, false claims)."""
     if not v.hallucinated:
-        return f"{v.score} ok"
-    return f"{v.score} HALLUCINATED: " + "; ".join(v.hallucinations)
+        return f"score {v.score}/6, ok"
+    return f"score {v.score}/6, hallucinated: " + "; ".join(v.hallucinations)
+
+
+def _answer_cell(answer: str, verdict) -> Text:
+    cell = Text(answer + "\n")
+    cell.append(verdict_text(verdict), style="red" if verdict.hallucinated else "green")
+    return cell
 
 
 def answers_table(result: DemoResult) -> Table:
+    """Three columns (question, SFT, RLHF), each answer with its verdict under it: readable in an
+    80-column terminal, where six columns had broken the answers into one word a line."""
     table = Table(title=f"SFT (adapter scale 0) vs RLHF (scale 1), {result.quant}, greedy; judge: shapes-world "
                         f"oracle, MMHal 0-6, hallucinated = score < 3", show_lines=True)
-    for name in ("image", "question", "SFT answer", "SFT verdict", "RLHF answer", "RLHF verdict"):
-        table.add_column(name, overflow="fold")
+    table.add_column("image: question", overflow="fold", ratio=1)
+    table.add_column("SFT answer / verdict", overflow="fold", ratio=1)
+    table.add_column("RLHF answer / verdict", overflow="fold", ratio=1)
     for r in result.rows:
-        table.add_row(r.image.name, r.question, r.sft, verdict_text(r.sft_verdict), r.rlhf,
-                      verdict_text(r.rlhf_verdict))
+        table.add_row(Text(r.image.name + ": ", style="bold") + Text(r.question),
+                      _answer_cell(r.sft, r.sft_verdict), _answer_cell(r.rlhf, r.rlhf_verdict))
     return table
 
 

@@ -16,7 +16,6 @@ from factedge.train import demo_cli
 from factedge.train.demo import DemoOptions, run_demo, should_chat
 from factedge.train.demo_items import demo_items, seen_signatures
 from factedge.train.world.judge import Verdict, judge
-from factedge.train.world.scene import WorldConfig
 
 
 class StandIn:
@@ -70,7 +69,14 @@ def test_rows_hold_both_answers_and_verdicts(demo_runs):
     table = _render(demo_cli.answers_table(first))
     for r in first.rows:
         assert r.sft[:8] in table and r.rlhf[:8] in table
-        assert demo_cli.verdict_text(r.sft_verdict)[:4] in table
+        assert demo_cli.verdict_text(r.sft_verdict)[:9] in table
+    # an 80-column terminal: no line overflows and the answers wrap at spaces, never inside a word
+    narrow = _render(demo_cli.answers_table(first), width=80)
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    for r in first.rows:
+        text = " ".join([r.sft, r.rlhf, demo_cli.verdict_text(r.sft_verdict), demo_cli.verdict_text(r.rlhf_verdict)])
+        broken = [w for w in text.split() if len(w) < 20 and w not in narrow]
+        assert not broken, broken
     n_sft = sum(r.sft_verdict.hallucinated for r in first.rows)
     assert first.hallucination_rate("sft") == n_sft / 4
     assert f"SFT {n_sft / 4:.0%}" in demo_cli.summary_line(first)
@@ -106,9 +112,9 @@ def test_demo_images_are_fresh_and_deterministic(small_world, tmp_path):
 
 
 def test_verdict_text():
-    assert demo_cli.verdict_text(Verdict(["a red square"], [], False, 5)) == "5 ok"
+    assert demo_cli.verdict_text(Verdict(["a red square"], [], False, 5)) == "score 5/6, ok"
     assert demo_cli.verdict_text(Verdict(["a red square", "two circles"], ["a red square", "two circles"], True, 1)) \
-        == "1 HALLUCINATED: a red square; two circles"
+        == "score 1/6, hallucinated: a red square; two circles"
 
 
 class _Tty(io.StringIO):
@@ -139,9 +145,9 @@ def test_cli_no_chat_when_not_a_tty_and_chat_reuses_factedge_chat(demo_runs, mon
     assert "commands:" in result.output and f"image {first.images[0].name} attached" in result.output
 
 
-def _render(table) -> str:
+def _render(table, width: int = 400) -> str:
     from rich.console import Console
 
-    console = Console(file=io.StringIO(), width=400)
+    console = Console(file=io.StringIO(), width=width)
     console.print(table)
     return console.file.getvalue()
