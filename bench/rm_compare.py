@@ -56,11 +56,10 @@ def likelihood_accuracy(sft: Path, world) -> dict[str, dict]:
     """Pairs ranked by the SFT model's summed log-likelihood of each response, given the pair's image
     ("sft_likelihood") and given another held-out image ("sft_likelihood_other_image")."""
     import torch
-    import torch.nn.functional as F
 
     from factedge.train.config import ModelConfig
     from factedge.train.conversation import encode_conversation
-    from factedge.train.model import load_from_config, next_token_targets
+    from factedge.train.model import load_from_config
 
     model = load_from_config(ModelConfig(base=str(sft), dtype="float32"))
     model.requires_grad_(False)
@@ -72,9 +71,8 @@ def likelihood_accuracy(sft: Path, world) -> dict[str, dict]:
     def loglik(item: dict, response: str, image: str) -> float:
         one = dict(item, conversations=[item["conversations"][0], {"from": "gpt", "value": response}])
         ids, labels = encode_conversation(one, model.tokenizer)
-        spliced = model.splice([ids], model.embed_images([world.heldout.images / image]), labels=[labels])
-        mask, targets = next_token_targets(spliced.labels)
-        return -F.cross_entropy(model(spliced, logits_at=mask).float(), targets, reduction="sum").item()
+        loss, n = model.lm_loss(model.splice([ids], model.embed_images([world.heldout.images / image]), labels=[labels]))
+        return -float(loss) * n
 
     hits = {name: {g: [] for g in GAPS} for name in ("sft_likelihood", "sft_likelihood_other_image")}
     with torch.no_grad():
