@@ -15,6 +15,7 @@ batch goes on.
 
 from __future__ import annotations
 
+import os
 import time
 import tomllib
 from dataclasses import dataclass, fields
@@ -81,6 +82,12 @@ def read_batch(path: Path) -> list[BatchEntry]:
         except ConfigError as exc:
             raise ConfigError(exc.reason, path) from exc
         entries.append(BatchEntry(base / item["src"], base / item["out"], options))
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries, 1):
+        key = os.path.realpath(entry.out)
+        if key in seen:
+            raise ConfigError(f"checkpoint #{i} writes to {entry.out}, as checkpoint #{seen[key]} does", path)
+        seen[key] = i
     return entries
 
 

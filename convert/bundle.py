@@ -1,17 +1,20 @@
 """`factedge convert`: one checkpoint -> a bundle folder (LM GGUFs, mmproj, adapter, manifest, card).
 
-Everything is written into `<out>.partial/` and renamed to `<out>` only when complete, so an
-interrupted or failed conversion leaves no folder that looks finished, and a failure removes the
-staging folder and any parent folder it created. Options, the output path and the native tools are
-checked before the checkpoint is read. An existing output is refused unless `overwrite` is set
-(mlx-lm's rule), and even then a non-empty folder without a manifest is never deleted; an old bundle
-is replaced only once the new one is complete.
+Everything is written into a staging folder `<out>.partial-<random>/` that this run creates (never
+one that existed before) and renamed to `<out>` only when complete, so an interrupted or failed
+conversion leaves no folder that looks finished, and a failure removes the staging folder and any
+parent folder it created. Options, the output path and the native tools are checked before the
+checkpoint is read. An existing output is refused unless `overwrite` is set (mlx-lm's rule), and even
+then only a bundle holding nothing but what factedge wrote (its manifest's files, the manifest, the
+card) is replaced, once the new one is complete: a folder of the user's is never deleted, nor a file
+the user added to a bundle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,16 +103,35 @@ def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an output we must not write, before any work is done."""
     if out.is_file():
         raise OutputError("output path is a file, not a folder", out)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         if not overwrite:
             raise OutputError("output exists (use --overwrite to replace it)", out)
-        if any(out.iterdir()) and not (out / MANIFEST).is_file():
-            raise OutputError("output exists and is not a factedge bundle (no manifest.json); refusing to replace it", out)
+        if out.is_symlink() or not out.is_dir():
+            raise OutputError("output exists and is not a folder; refusing to replace it", out)
+        if any(out.iterdir()):
+            foreign = _foreign_files(out)
+            if foreign:
+                raise OutputError(f"output holds {foreign[0]!r}" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+                                  + ", which factedge did not write; refusing to replace it", out)
     parent = _existing_ancestor(out.parent)
     if not parent.is_dir():
         raise OutputError("cannot create the output folder: a parent is a file", parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError("output folder is not writable", parent)
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """Names in an existing output that its manifest does not account for (all of them without one)."""
+    from factedge.convert.card import CARD
+    from factedge.edge.errors import FactedgeError
+    from factedge.edge.manifest import read_manifest
+
+    names = sorted(p.name for p in out.iterdir())
+    try:
+        ours = {f.name for f in read_manifest(out).files} | {MANIFEST, CARD}
+    except FactedgeError:
+        return names
+    return [n for n in names if n not in ours]
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -119,8 +141,16 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def _fresh_name(out: Path, kind: str) -> Path:
+    """A sibling of `out` that does not exist: `<out>.<kind>-<random>` (never a folder of the user's)."""
+    while True:
+        candidate = out.with_name(f"{out.name}.{kind}-{secrets.token_hex(4)}")
+        if not candidate.exists() and not candidate.is_symlink():
+            return candidate
+
+
 def _prepare_out(out: Path) -> tuple[Path, list[Path]]:
-    """Create `<out>.partial` (and missing parents); returns it and the parents created."""
+    """Create a fresh staging folder beside `out` (and missing parents); returns it and the parents created."""
     created: list[Path] = []
     parent = Path(os.path.abspath(out.parent))
     missing = [p for p in [parent, *parent.parents] if not p.exists()]
@@ -128,9 +158,8 @@ def _prepare_out(out: Path) -> tuple[Path, list[Path]]:
         for folder in reversed(missing):
             folder.mkdir()
             created.append(folder)
-        staging = out.with_name(out.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging = _fresh_name(out, "partial")
+        staging.mkdir()  # exclusive: fails rather than reuse anything
     except OSError as exc:
         _remove_created(created)
         raise OutputError(f"cannot create the output folder: {exc.strerror or exc}", exc.filename or out) from exc
@@ -146,10 +175,10 @@ def _remove_created(created: list[Path]) -> None:
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished staging folder to `out`; an old bundle is set aside until that succeeded."""
-    old = out.with_name(out.name + ".old")
+    """Rename the finished staging folder to `out`; an old bundle is set aside (under a fresh name)
+    until that succeeded, then deleted."""
+    old = _fresh_name(out, "old")
     try:
-        shutil.rmtree(old, ignore_errors=True)
         if out.exists():
             os.replace(out, old)
         try:

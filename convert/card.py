@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from factedge.convert.fidelity import DECIDED_MARGIN
 from factedge.edge.manifest import Manifest, write_atomic
+
+CARD = "README.md"
 
 
 def _fidelity_lines(fidelity: dict) -> list[str]:
@@ -19,6 +22,9 @@ def _fidelity_lines(fidelity: dict) -> list[str]:
                      f"{f['top1_agreement'] * 100:.2f}% / {f['mean_kl']:.2e} |")
         lines.append(f"| model {dtype} | greedy continuation equal to PyTorch | "
                      f"{f['greedy_common']} of {len(f['greedy_ref'])} tokens |")
+        if "decided_positions" in f:
+            lines.append(f"| model {dtype} | top-1 agreement where PyTorch leads by >= {DECIDED_MARGIN} nats | "
+                         f"{f['decided_agreement'] * 100:.2f}% of {f['decided_positions']} positions |")
     tok = fidelity.get("tokenizer")
     if tok:
         lines.append(f"| model | tokenizer vs HF on {tok['texts']} texts | {tok['mismatches']} mismatches |")
@@ -54,6 +60,6 @@ def card_text(manifest: Manifest) -> str:
 
 
 def write_card(bundle: Path, manifest: Manifest) -> Path:
-    path = bundle / "README.md"
+    path = bundle / CARD
     write_atomic(path, card_text(manifest))
     return path

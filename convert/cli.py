@@ -49,6 +49,9 @@ def print_fidelity(fidelity: dict) -> None:
             table.add_row(f"mmproj {dtype}", f"embeddings {f['image']}", f"min cos {f['min_cosine']:.6f}")
     for dtype, f in fidelity.get("logits", {}).items():
         table.add_row(f"model {dtype}", "top-1 / mean KL", f"{f['top1_agreement'] * 100:.2f}% / {f['mean_kl']:.2e}")
+        if "decided_positions" in f:
+            table.add_row(f"model {dtype}", "top-1 where PyTorch is decided",
+                          f"{f['decided_agreement'] * 100:.2f}% of {f['decided_positions']}")
         table.add_row(f"model {dtype}", "greedy tokens equal", f"{f['greedy_common']}/{len(f['greedy_ref'])}")
     console.print(table)
     for failure in fidelity.get("failures", []):

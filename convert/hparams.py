@@ -39,6 +39,8 @@ def read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptFileError(f"not valid JSON: {exc}", path) from exc
+    except RecursionError:
+        raise CorruptFileError("not valid JSON: nested too deeply", path) from None
     if not isinstance(data, dict):
         raise CorruptFileError("expected a JSON object", path)
     return data
@@ -49,6 +51,28 @@ def _get(cfg: dict[str, Any], defaults: dict[str, Any], key: str) -> Any:
     return defaults[key] if value is None else value
 
 
+# Bounds on sizes a config may claim: far above any released model, and low enough that a forged
+# value cannot make the shape tables (one entry per layer) or a division fail before a file is read.
+LIMITS = {"layers": 1024, "width": 1 << 20, "heads": 4096, "vocab": 1 << 24, "positions": 1 << 24, "image": 1 << 14}
+
+
+def count(cfg: dict[str, Any], defaults: dict[str, Any], key: str, limit: str, source: Path, *, lo: int = 1) -> int:
+    """An integer hyperparameter in [lo, LIMITS[limit]], or ConfigError naming the key and the file."""
+    value = _get(cfg, defaults, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+            or not lo <= value <= LIMITS[limit]:
+        raise ConfigError(f"{key} = {value!r} is not an integer in [{lo}, {LIMITS[limit]}]", source)
+    return int(value)
+
+
+def real(cfg: dict[str, Any], defaults: dict[str, Any], key: str, source: Path, *, lo: float, hi: float) -> float:
+    """A finite float hyperparameter in (lo, hi], or ConfigError naming the key and the file."""
+    value = _get(cfg, defaults, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value <= hi:
+        raise ConfigError(f"{key} = {value!r} is not a number in ({lo:g}, {hi:g}]", source)
+    return float(value)
+
+
 def _rope_theta(cfg: dict[str, Any], source: Path) -> float:
     """rope_theta, also from transformers-5 `rope_parameters`; scaled RoPE is not something LLaVA uses."""
     params = cfg.get("rope_parameters") or {}
@@ -56,21 +80,27 @@ def _rope_theta(cfg: dict[str, Any], source: Path) -> float:
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
         raise ConfigError(f"RoPE scaling {kind!r} is not supported", source)
-    return float(params.get("rope_theta") or _get(cfg, LLAMA_DEFAULTS, "rope_theta"))
+    theta = params.get("rope_theta") or _get(cfg, LLAMA_DEFAULTS, "rope_theta")
+    return real({"rope_theta": theta}, LLAMA_DEFAULTS, "rope_theta", source, lo=0.0, hi=1e12)
 
 
-def _first_id(value: Any, default: int) -> int:
+def _first_id(value: Any, default: int, source: Path) -> int:
     if isinstance(value, list):  # some configs list several eos ids
-        return int(value[0]) if value else default
-    return default if value is None else int(value)
+        value = value[0] if value else None
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < LIMITS["vocab"]:
+        raise ConfigError(f"special token id {value!r} is not a token id", source)
+    return value
 
 
 def text_spec(cfg: dict[str, Any], source: Path, *, vocab_rows: int, special: dict[str, int]) -> TextSpec:
     """TextSpec from a Llama config dict; `vocab_rows` is the embedding's row count (the truth)."""
     g = lambda key: _get(cfg, LLAMA_DEFAULTS, key)  # noqa: E731
-    heads = int(g("num_attention_heads"))
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    hidden = int(g("hidden_size"))
+    heads = count(cfg, LLAMA_DEFAULTS, "num_attention_heads", "heads", source)
+    kv_heads = count({"num_key_value_heads": cfg.get("num_key_value_heads") or heads}, {}, "num_key_value_heads",
+                     "heads", source)
+    hidden = count(cfg, LLAMA_DEFAULTS, "hidden_size", "width", source)
     if hidden % heads or heads % kv_heads:
         raise ConfigError(f"hidden_size {hidden} / heads {heads} / kv heads {kv_heads} do not divide", source)
     head_dim = cfg.get("head_dim")
@@ -80,16 +110,16 @@ def text_spec(cfg: dict[str, Any], source: Path, *, vocab_rows: int, special: di
     return TextSpec(
         vocab_size=vocab_rows,
         hidden_size=hidden,
-        intermediate_size=int(g("intermediate_size")),
-        num_layers=int(g("num_hidden_layers")),
+        intermediate_size=count(cfg, LLAMA_DEFAULTS, "intermediate_size", "width", source),
+        num_layers=count(cfg, LLAMA_DEFAULTS, "num_hidden_layers", "layers", source),
         num_heads=heads,
         num_kv_heads=kv_heads,
-        rms_norm_eps=float(g("rms_norm_eps")),
+        rms_norm_eps=real(cfg, LLAMA_DEFAULTS, "rms_norm_eps", source, lo=0.0, hi=1.0),
         rope_theta=_rope_theta(cfg, source),
-        max_position_embeddings=int(g("max_position_embeddings")),
+        max_position_embeddings=count(cfg, LLAMA_DEFAULTS, "max_position_embeddings", "positions", source),
         tie_word_embeddings=bool(g("tie_word_embeddings")),
-        bos_token_id=special.get("bos", _first_id(cfg.get("bos_token_id"), 1)),
-        eos_token_id=special.get("eos", _first_id(cfg.get("eos_token_id"), 2)),
+        bos_token_id=special.get("bos", _first_id(cfg.get("bos_token_id"), 1, source)),
+        eos_token_id=special.get("eos", _first_id(cfg.get("eos_token_id"), 2, source)),
         unk_token_id=unk,
         pad_token_id=special.get("pad", unk),
     )
@@ -121,17 +151,25 @@ def vision_spec(
     select = {"default": "patch", "full": "cls_patch"}.get(select_feature, select_feature)
     if select not in ("patch", "cls_patch"):
         raise ConfigError(f"vision feature selection {select_feature!r} is not supported", source)
-    image_size, patch_size = int(g("image_size")), int(g("patch_size"))
+    image_size = count(vcfg, CLIP_VISION_DEFAULTS, "image_size", "image", source)
+    patch_size = count(vcfg, CLIP_VISION_DEFAULTS, "patch_size", "image", source)
+    hidden = count(vcfg, CLIP_VISION_DEFAULTS, "hidden_size", "width", source)
+    heads = count(vcfg, CLIP_VISION_DEFAULTS, "num_attention_heads", "heads", source)
+    layers = count(vcfg, CLIP_VISION_DEFAULTS, "num_hidden_layers", "layers", source)
+    if hidden % heads:
+        raise ConfigError(f"vision hidden_size {hidden} is not a multiple of num_attention_heads {heads}", source)
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int) or not -layers <= feature_layer <= layers:
+        raise ConfigError(f"vision feature layer {feature_layer!r} is not a layer of a {layers}-layer tower", source)
     if image_size % patch_size:
         raise ConfigError(f"image_size {image_size} is not a multiple of patch_size {patch_size}", source)
     return VisionSpec(
         image_size=image_size,
         patch_size=patch_size,
-        hidden_size=int(g("hidden_size")),
-        intermediate_size=int(g("intermediate_size")),
-        num_layers=int(g("num_hidden_layers")),
-        num_heads=int(g("num_attention_heads")),
-        layer_norm_eps=float(g("layer_norm_eps")),
+        hidden_size=hidden,
+        intermediate_size=count(vcfg, CLIP_VISION_DEFAULTS, "intermediate_size", "width", source),
+        num_layers=layers,
+        num_heads=heads,
+        layer_norm_eps=real(vcfg, CLIP_VISION_DEFAULTS, "layer_norm_eps", source, lo=0.0, hi=1.0),
         hidden_act=str(g("hidden_act")),
         image_mean=_triple(preprocessor.get("image_mean"), CLIP_MEAN),
         image_std=_triple(preprocessor.get("image_std"), CLIP_STD),
@@ -148,11 +186,20 @@ def _content(value: Any) -> str | None:
 
 def added_tokens(tokenizer_dir: Path) -> dict[str, int]:
     """Tokens added on top of the SPM model: added_tokens.json plus tokenizer_config's decoder."""
-    found = {str(k): int(v) for k, v in read_json(tokenizer_dir / "added_tokens.json", required=False).items()}
+    try:
+        found = {str(k): int(v) for k, v in read_json(tokenizer_dir / "added_tokens.json", required=False).items()}
+    except (TypeError, ValueError) as exc:
+        raise CorruptFileError(f"token ids must be integers ({exc})", tokenizer_dir / "added_tokens.json") from exc
     decoder = read_json(tokenizer_dir / "tokenizer_config.json", required=False).get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise CorruptFileError("added_tokens_decoder must be an object", tokenizer_dir / "tokenizer_config.json")
     for token_id, data in decoder.items():
         if _content(data):
-            found[_content(data)] = int(token_id)  # type: ignore[index]
+            try:
+                found[_content(data)] = int(token_id)  # type: ignore[index]
+            except ValueError as exc:
+                raise CorruptFileError(f"added_tokens_decoder key {token_id!r} is not a token id",
+                                       tokenizer_dir / "tokenizer_config.json") from exc
     return found
 
 

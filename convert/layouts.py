@@ -9,6 +9,7 @@ and the Checkpoint hands out per-tensor loaders.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +32,9 @@ _KEY_RULES: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("lm_head.", "lm", "lm_head."),
         ("vision_tower.vision_model.", "vision", ""),
         ("model.vision_tower.vision_model.", "vision", ""),
+        # transformers >= 5 saves the tower without its `vision_model.` level
+        ("vision_tower.", "vision", ""),
+        ("model.vision_tower.", "vision", ""),
         ("multi_modal_projector.linear_1.", "projector", "0."),
         ("multi_modal_projector.linear_2.", "projector", "2."),
         ("model.multi_modal_projector.linear_1.", "projector", "0."),
@@ -55,7 +59,7 @@ _ADAPTER_RULES: tuple[tuple[str, str, str], ...] = (
 
 def canonical_name(key: str) -> tuple[str, str] | None:
     """(component, canonical name) of a base-model weight key in any known layout, or None."""
-    for prefix, component, canon in _KEY_RULES["llava-hf"] + _ADAPTER_RULES + _KEY_RULES["llava"]:
+    for prefix, component, canon in _ADAPTER_RULES + _KEY_RULES["llava-hf"] + _KEY_RULES["llava"]:
         if key.startswith(prefix):
             if component == "ignored":
                 return None
@@ -101,10 +105,18 @@ def _split(refs: dict[str, TensorRef], rules: tuple[tuple[str, str, str], ...]) 
     return parts
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
 def _check(found: dict[str, TensorRef], expected: Shapes, what: str, config: Path) -> dict[str, TensorRef]:
-    """The expected tensors, in order; a missing tensor or wrong shape names the file and the config."""
+    """The expected tensors, in order; a missing tensor or wrong shape names the file and the config,
+    and so does a layer the weights hold beyond the config's count (converting would drop it)."""
     if not found:
         raise MismatchError(f"no {what} tensors found in the weights", config.parent)
+    n_layers = len({m.group(1) for name in expected if (m := _LAYER_INDEX.search(name))})
+    beyond = sorted(ref.key for name, ref in found.items() if (m := _LAYER_INDEX.search(name)) and int(m.group(1)) >= n_layers)
+    if beyond:
+        raise MismatchError(f"{what} tensor {beyond[0]} is a layer beyond the {n_layers} that {config.name} declares", config)
     files = sorted({ref.file.name for ref in found.values()})
     for name, shape in expected.items():
         ref = found.get(name)
@@ -286,5 +298,5 @@ def load_checkpoint(
             lora = root / RLHF_ADAPTER_DIR
     if lora is not None:
         ckpt.adapter_dir = check_adapter_dir(lora)
-        ckpt.source_files += [p for p in sorted(ckpt.adapter_dir.iterdir()) if p.name.startswith("adapter_")]
+        ckpt.source_files += [p for p in sorted(ckpt.adapter_dir.iterdir()) if p.name.startswith("adapter_") and p.is_file()]
     return ckpt

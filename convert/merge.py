@@ -81,12 +81,10 @@ def _config(folder: Path) -> tuple[int, float, bool]:
             raise ConfigError(f"{key}=true adapters are not supported", path)
     if cfg.get("alpha_pattern"):
         raise ConfigError("alpha_pattern (per-module alpha) is not supported", path)
-    try:
-        r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", 8))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"adapter config lacks a valid r / lora_alpha ({exc})", path) from exc
-    if r <= 0:
-        raise ConfigError(f"r must be positive, got {r}", path)
+    r = hparams.count(cfg, {}, "r", "width", path) if "r" in cfg else None
+    if r is None:
+        raise ConfigError("adapter config lacks r", path)
+    alpha = hparams.real(cfg, {"lora_alpha": 8}, "lora_alpha", path, lo=-1e6, hi=1e6)
     return r, alpha, bool(cfg.get("use_rslora", False))
 
 

@@ -35,6 +35,8 @@ def check_lm_quants(names: list[str]) -> list[str]:
         norm = name.strip().upper()
         if norm not in LM_QUANTS:
             raise ConfigError(f"unknown quant type {name!r}; known: {', '.join(LM_QUANTS)}")
+        if norm in out:
+            raise ConfigError(f"quant type {norm} is listed twice")
         out.append(norm)
     return out
 
@@ -58,9 +60,9 @@ def quantize_language_model(src: Path, dst: Path, quant: str, *, threads: int | 
     quant = check_lm_quants([quant])[0]
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
-        proc = subprocess.run(quantize_command(src, tmp, quant, threads), capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        returncode, stderr = _run_child(quantize_command(src, tmp, quant, threads))
+        if returncode != 0:
+            lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
             raise NativeError(f"quantizing to {quant} failed ({' | '.join(lines[-3:])})", src)
         os.replace(tmp, dst)
     except OSError as exc:
@@ -68,6 +70,23 @@ def quantize_language_model(src: Path, dst: Path, quant: str, *, threads: int | 
     finally:
         tmp.unlink(missing_ok=True)
     return dst
+
+
+def _run_child(command: list[str]) -> tuple[int, str]:
+    """Run the worker; if we are interrupted (Ctrl-C, or SIGTERM turned into SystemExit by the CLI)
+    the worker is stopped and reaped before the exception goes on, so no orphan keeps writing."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    return proc.returncode, stderr
 
 
 @lru_cache(maxsize=1)

@@ -70,6 +70,8 @@ def safetensors_header(path: Path) -> dict[str, TensorRef]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _corrupt(path, f"bad safetensors header: not JSON ({exc})") from exc
+    except RecursionError:
+        raise _corrupt(path, "bad safetensors header: nested too deeply") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "bad safetensors header: not a JSON object")
     data_len = size - 8 - n
@@ -78,7 +80,8 @@ def safetensors_header(path: Path) -> dict[str, TensorRef]:
         if key == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            dtype, shape, (begin, end) = info["dtype"], tuple(_whole(d) for d in info["shape"]), info["data_offsets"]
+            begin, end = _whole(begin), _whole(end)
             itemsize = _ITEMSIZE[dtype]
         except (KeyError, TypeError, ValueError) as exc:
             raise _corrupt(path, f"bad safetensors header entry for {key!r}") from exc
@@ -88,6 +91,13 @@ def safetensors_header(path: Path) -> dict[str, TensorRef]:
             raise _corrupt(path, f"truncated: tensor {key!r} ends at byte {end} but only {data_len} data bytes present")
         refs[key] = TensorRef(path, key, shape, dtype)
     return refs
+
+
+def _whole(value) -> int:
+    """A header number: a non-negative int (JSON strings, floats and booleans are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a non-negative integer")
+    return value
 
 
 def _torch_load(path: Path):
@@ -124,7 +134,7 @@ def pickle_header(path: Path) -> dict[str, TensorRef]:
 
 def file_header(path: Path) -> dict[str, TensorRef]:
     if not path.is_file():
-        raise InputError("weights file missing", path)
+        raise InputError("weights file missing (or not a regular file)", path)
     return safetensors_header(path) if path.suffix == ".safetensors" else pickle_header(path)
 
 
@@ -153,8 +163,11 @@ def shard_files(index_file: Path) -> list[Path]:
     try:
         weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise CorruptFileError(f"bad shard index: {exc}", index_file) from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError,
+            RecursionError) as exc:
+        raise CorruptFileError(f"bad shard index: {exc!r}", index_file) from exc
+    if not all(isinstance(n, str) and n == Path(n).name for n in names):
+        raise CorruptFileError("bad shard index: shard names must be plain file names", index_file)
     files = [index_file.parent / name for name in names]
     for file in files:
         if not file.is_file():

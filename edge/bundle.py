@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factedge.edge.errors import InputError, MismatchError
+from factedge.edge.file_hashes import check_sha256
 from factedge.edge.inspect import describe_gguf
 from factedge.edge.manifest import LORA_MERGED_KEY, MANIFEST, Manifest, check_pairing, read_manifest
 
@@ -39,8 +40,10 @@ def _pick(manifest: Manifest, role: str, wanted: str | None, preference: tuple[s
     return min(files, key=lambda f: rank.get(f.dtype.lower(), len(rank)))
 
 
-def open_bundle(path: Path, *, quant: str | None = None, mmproj_type: str | None = None) -> BundleFiles:
-    """The files of a bundle folder, checked to belong together."""
+def open_bundle(path: Path, *, quant: str | None = None, mmproj_type: str | None = None,
+                verify_hashes: bool = True) -> BundleFiles:
+    """The files of a bundle folder, checked to belong together and (unless `verify_hashes` is off)
+    to be the bytes the manifest lists (edge.file_hashes: hashed once per file version)."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise InputError("not a factedge bundle (no manifest.json); pass model= and mmproj= instead", path)
@@ -53,6 +56,8 @@ def open_bundle(path: Path, *, quant: str | None = None, mmproj_type: str | None
     files = BundleFiles(path / model.name, path / mmproj.name if mmproj else None,
                         path / adapter.name if adapter else None, manifest, model.dtype)
     check_files(files)
+    if verify_hashes:
+        check_sha256([(path / f.name, f.sha256) for f in (model, mmproj, adapter) if f is not None])
     return files
 
 

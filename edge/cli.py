@@ -7,6 +7,8 @@ imported only when named, so `factedge --help` stays fast and torch-free.
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
 import click
@@ -96,10 +98,33 @@ def run(args: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except Terminated:
+        click.echo("terminated", err=True)
+        return 143
+    except RecursionError:
+        click.echo("factedge: error: input nested too deeply to read", err=True)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the promise is one line, even for a bug
+        if os.environ.get("FACTEDGE_DEBUG"):
+            raise
+        reason = " ".join(str(exc).split())
+        click.echo(f"factedge: error: unexpected {type(exc).__name__}: {reason} "
+                   "(a bug in factedge; FACTEDGE_DEBUG=1 shows the traceback)", err=True)
+        return 70
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception, so `finally` blocks run: staging folders are removed and child
+    processes (the quantize worker) are stopped before the process exits."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def main() -> None:
     """Console entry point."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
     code = run()
     if code:
         sys.exit(code)

@@ -77,3 +77,7 @@ class FidelityError(FactedgeError):
 
 class ContextFullError(InputError):
     """A chat no longer fits the context window (prompt plus room for the answer)."""
+
+
+class ClosedError(FactedgeError):
+    """A model, context, encoder or session was used after `close()` (its native memory is freed)."""

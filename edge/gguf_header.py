@@ -80,12 +80,16 @@ class _Reader:
     def string(self) -> str:
         return self.take(self.u64()).decode("utf-8", "replace")
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, read_array: bool = False):
         if vtype == _STRING:
             return self.string()
         if vtype != _ARRAY:
             return self.scalar(vtype)
         item_type, count = self.u32(), self.u64()
+        if read_array and (item_type == _STRING or item_type in _SCALARS):
+            if count > self.size:
+                raise self._bad(f"array of {count} items in a {self.size}-byte file")
+            return [self.value(item_type) for _ in range(count)]
         if item_type == _STRING:
             for _ in range(count):
                 self.skip(self.u64())
@@ -109,8 +113,9 @@ def _nbytes(shape: tuple[int, ...], ggml_type: int, reader: _Reader) -> int:
     return n // block * type_size
 
 
-def read_header(path: Path) -> GgufHeader:
-    """Metadata and tensor table of a GGUF; CorruptFileError if it is not one or is truncated."""
+def read_header(path: Path, arrays: tuple[str, ...] = ()) -> GgufHeader:
+    """Metadata and tensor table of a GGUF; CorruptFileError if it is not one or is truncated.
+    Arrays are skipped (ArrayInfo) except the keys named in `arrays`, which are read as lists."""
     from gguf.constants import GGUF_DEFAULT_ALIGNMENT
 
     path = Path(path)
@@ -131,7 +136,7 @@ def read_header(path: Path) -> GgufHeader:
             meta: dict[str, Any] = {}
             for _ in range(n_kv):
                 key = r.string()
-                meta[key] = r.value(r.u32())
+                meta[key] = r.value(r.u32(), key in arrays)
             header = GgufHeader(version, meta)
             for _ in range(n_tensors):
                 name = r.string()

@@ -14,7 +14,8 @@ Decoding policy (documented because it changes pixels):
   `convert_to_rgb` does, so llava-hf processors and factedge agree;
 - grayscale, palette, CMYK, YCbCr... are converted to RGB by Pillow; 16-bit grayscale is scaled to 8 bit;
 - animated images (GIF, APNG, WebP) use their first frame;
-- images over `MAX_PIXELS` (decompression bombs) and anything Pillow cannot decode raise InputError.
+- images over `MAX_PIXELS` (decompression bombs), files over `MAX_FILE_BYTES` (checked before
+  reading), FIFOs and devices, and anything Pillow cannot decode raise InputError.
 No torch here: this module is part of the edge runtime.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import stat
 import struct
 import warnings
 import zlib
@@ -39,6 +41,7 @@ ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image, np.nda
 
 LLAVA_PAD_COLOR = (122, 116, 104)  # int(255 * CLIP mean), LLaVA's expand2square background
 MAX_PIXELS = 64 * 1024 * 1024  # 64 Mpx: far above any camera photo, far below a bomb's claimed size
+MAX_FILE_BYTES = 64 << 20  # an image file over 64 MiB is refused before it is read
 _ALPHA_BACKGROUND = (255, 255, 255, 255)
 
 # What Pillow raises on bad input besides OSError (UnidentifiedImageError, truncated files): plugins
@@ -53,6 +56,10 @@ _DECODE_ERRORS = (
     zlib.error,
     Image.DecompressionBombError,
     Image.DecompressionBombWarning,
+    NotImplementedError,  # a format Pillow knows but cannot decode (some TIFF compressions, ...)
+    TypeError,
+    KeyError,
+    MemoryError,
 )
 
 
@@ -82,14 +89,31 @@ def _open(src: ImageSource) -> tuple[Image.Image, Path | None]:
         return Image.open(io.BytesIO(_bytes_from_data_uri(src))), None
     if isinstance(src, (str, Path)):
         path = Path(src)
-        if not path.is_file():
-            raise InputError("image file not found", path)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InputError(f"cannot read image: {exc.strerror or exc}", path) from exc
-        return Image.open(io.BytesIO(data)), path
+        return Image.open(io.BytesIO(_read_bounded(path))), path
     raise InputError(f"unsupported image source type {type(src).__name__}")
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The bytes of a regular file no larger than MAX_FILE_BYTES: the size is checked before reading,
+    and a FIFO or device is refused rather than read (it could block or never end)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise InputError("image file not found", path) from None
+    except OSError as exc:
+        raise InputError(f"cannot read image: {exc.strerror or exc}", path) from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError("not a regular file", path)
+    if info.st_size > MAX_FILE_BYTES:
+        raise InputError(f"image file is {info.st_size} bytes, over the {MAX_FILE_BYTES} byte limit", path)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read image: {exc.strerror or exc}", path) from exc
+    if len(data) > MAX_FILE_BYTES:  # it grew while we read it
+        raise InputError(f"image file is over the {MAX_FILE_BYTES} byte limit", path)
+    return data
 
 
 def _from_array(arr: np.ndarray) -> Image.Image:
@@ -112,10 +136,14 @@ def _check_size(img: Image.Image, max_pixels: int, path: Path | None) -> None:
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB with alpha composited over white; 16-bit/float grayscale brought to 8 bits first."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(img).astype(np.float64)
-        img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8))
+        # round(x / 257) in integers: (x + 128) // 257 is the same for 0 <= x (257 is odd, so no ties),
+        # and needs 4 bytes a pixel where float64 needed 8 plus temporaries
+        arr = np.clip(np.asarray(img), 0, 65535).astype(np.int32)
+        arr += 128
+        arr //= 257
+        img = Image.fromarray(arr.astype(np.uint8))
     elif img.mode == "F":
-        arr = np.asarray(img).astype(np.float64)
+        arr = np.asarray(img)
         img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
     has_alpha = "A" in img.getbands() or "transparency" in img.info
     if has_alpha:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,14 +83,20 @@ class Manifest:
             fp = data.pop("fingerprint")
             fp.pop("id", None)
             files = [BundleFile(**f) for f in data.pop("files")]
+            if not all(isinstance(f.name, str) and f.name and f.name == Path(f.name).name
+                       and f.name not in (".", "..") for f in files):
+                raise ValueError("file names must be plain names inside the bundle")
             if data.get("format") != FORMAT_VERSION:
                 raise CorruptFileError(f"manifest format {data.get('format')} is not {FORMAT_VERSION}", path)
             return cls(fingerprint=Fingerprint(**fp), files=files, **data)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: JSON not an object
-            raise CorruptFileError(f"not a factedge manifest ({exc})", path) from exc
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # AttributeError: not an object
+            raise CorruptFileError(f"not a factedge manifest ({exc!r})", path) from exc
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a regular file (a FIFO or device is refused: reading it could block forever)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise InputError("not a regular file", path)
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):

@@ -3,7 +3,8 @@
 Messages in the shapes clients already send (content as a string or as text / image_url parts; system
 and assistant history) are turned into ChatSession turns, so the prompt comes from the one template in
 `edge.prompt` and evaluation gets ChatSession's KV prefix reuse and image cache. Offline tool: image
-URLs must be data: URIs or local paths; http(s) URLs are refused with RemoteImageError.
+URLs must be data: URIs or local paths; http(s) URLs are refused with RemoteImageError, and which local
+paths a caller may name is an `ImageAccess` (the server's clients: none unless the user exposed folders).
 Not thread-safe: one call at a time per session (the server holds a lock).
 """
 
@@ -16,14 +17,11 @@ from typing import Any, Iterator
 
 from factedge.edge.chat import ChatSession, SessionOptions
 from factedge.edge.errors import InputError
+from factedge.edge.image_access import ImageAccess, RemoteImageError  # noqa: F401 (re-exported: callers catch it)
 from factedge.edge.sampling import SamplingOptions
 from factedge.edge.session import VisionChat
 
 ROLES = ("system", "user", "assistant")
-
-
-class RemoteImageError(InputError):
-    """An image was given as an http(s) URL: factedge never goes online to fetch it."""
 
 
 @dataclass
@@ -41,18 +39,15 @@ def model_id(chat: VisionChat) -> str:
     return folder.name if (folder / MANIFEST).is_file() else chat.files.model.name
 
 
-def _image_url(part: dict) -> str:
+def _image_url(part: dict, access: ImageAccess) -> str:
     value = part.get("image_url")
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str) or not url:
         raise InputError("an image_url part needs a url (a data: URI or a local file path)")
-    if url.lower().startswith(("http://", "https://")):
-        raise RemoteImageError("http(s) image URLs are not fetched (factedge is offline); "
-                               "send the image as a data: URI or a local file path")
-    return url[len("file://"):] if url.startswith("file://") else url
+    return access.resolve(url)
 
 
-def _content(message: dict) -> tuple[str, list[str]]:
+def _content(message: dict, access: ImageAccess) -> tuple[str, list[str]]:
     """(text, image urls) of one message; text parts are joined with newlines."""
     content = message.get("content")
     if content is None:
@@ -67,13 +62,13 @@ def _content(message: dict) -> tuple[str, list[str]]:
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind == "image_url":
-            images.append(_image_url(part))
+            images.append(_image_url(part, access))
         else:
             raise InputError(f"unsupported content part {kind!r} (use 'text' or 'image_url')")
     return "\n".join(texts), images
 
 
-def parse_messages(messages: Any) -> tuple[str | None, list[_Turn]]:
+def parse_messages(messages: Any, access: ImageAccess = ImageAccess()) -> tuple[str | None, list[_Turn]]:
     """(system prompt or None, turns); the last turn is the question to answer (no assistant yet)."""
     if not isinstance(messages, list) or not messages:
         raise InputError("messages must be a non-empty list")
@@ -83,7 +78,7 @@ def parse_messages(messages: Any) -> tuple[str | None, list[_Turn]]:
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
             raise InputError(f"messages[{i}].role must be one of {', '.join(ROLES)}, not {role!r}")
-        text, images = _content(message)
+        text, images = _content(message, access)
         if role == "system":
             if turns or images:
                 raise InputError("system messages must come first and hold text only")
@@ -132,14 +127,16 @@ def create_chat_completion(chat: VisionChat, messages: list, *, stream: bool = F
                            stop: str | list[str] | None = None, seed: int | None = None,
                            repeat_penalty: float | None = None, model: str | None = None,
                            session: ChatSession | None = None,
-                           session_options: SessionOptions | None = None) -> dict | Iterator[dict]:
+                           session_options: SessionOptions | None = None,
+                           image_access: ImageAccess = ImageAccess()) -> dict | Iterator[dict]:
     """Answer the last user message of `messages`; an OpenAI "chat.completion" dict, or with
     stream=True an iterator of "chat.completion.chunk" dicts.
 
     The prompt is evaluated before this returns (bad input raises here, not mid-stream). Pass a
     long-lived `session` to reuse the KV prefix across calls; without one a session is made for the
-    call and closed when it (or its stream) ends."""
-    system, turns = parse_messages(messages)
+    call and closed when it (or its stream) ends. `image_access` says which local image paths the
+    messages may name (default: any, the caller being the user)."""
+    system, turns = parse_messages(messages, image_access)
     sampling = sampling_options(chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 stop=stop, seed=seed, repeat_penalty=repeat_penalty)
     own = session is None

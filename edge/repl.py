@@ -109,9 +109,14 @@ class ChatRepl:
         return True
 
     def _attach(self, arg: str) -> None:
+        """Attach an image only once it decodes: a bad file is refused now, not at every later question."""
+        from factedge.edge.image import load_image
+
         path = Path(arg).expanduser()
-        if not path.is_file():
-            self._error(f"image not found: {path}")
+        try:
+            load_image(path)
+        except FactedgeError as exc:
+            self._error(f"not attached: {exc.one_line()}")
             return
         self.state.pending.append(path)
         self._say(f"(image {path.name} attached to your next question)")
@@ -152,6 +157,9 @@ class ChatRepl:
             stream = self.session.stream(text, [str(p) for p in images] or None)
         except FactedgeError as exc:
             self._error(exc.one_line())
+            if exc.path is not None and exc.path in images:  # it changed since /image: do not fail every turn
+                self.state.pending.remove(exc.path)
+                self._say(f"({exc.path.name} detached)")
             return
         except KeyboardInterrupt:  # during prompt evaluation: the turn never entered the history
             self._say("\n(stopped)")

@@ -16,7 +16,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from factedge.edge.errors import ConfigError, InputError, NativeError
+from factedge.edge.errors import ClosedError, ConfigError, InputError, NativeError
+from factedge.edge.gguf_preflight import preflight
 from factedge.edge.native import load_llama_cpp
 from factedge.edge.threadpool import ThreadPool
 
@@ -58,12 +59,28 @@ def _require_file(path: Path, what: str) -> Path:
 
 
 class _Owned:
-    """Base for objects that own one native pointer and free it exactly once."""
+    """Base for objects that own one native pointer and free it exactly once; a closed one raises
+    ClosedError on use (a freed pointer handed to C would be a crash, not an error)."""
 
     _ptr = None
 
     def _free(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _live(self):
+        """The native pointer, or ClosedError when this object (or what it was built on) is closed."""
+        if not self._ptr:
+            raise ClosedError(f"this {type(self).__name__} is closed")
+        for part in self._depends_on():
+            part._live()
+        return self._ptr
+
+    def _depends_on(self) -> tuple["_Owned", ...]:
+        return ()
+
+    @property
+    def closed(self) -> bool:
+        return not self._ptr
 
     def close(self) -> None:
         if self._ptr:
@@ -88,6 +105,7 @@ class Model(_Owned):
 
     def __init__(self, path: Path, *, n_gpu_layers: int = 0, vocab_only: bool = False):
         self.path = _require_file(path, "model GGUF")
+        preflight(self.path, "vocab" if vocab_only else "model")
         params = _llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.vocab_only = vocab_only
@@ -104,9 +122,10 @@ class Model(_Owned):
 
     @property
     def ptr(self):
-        return self._ptr
+        return self._live()
 
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        self._live()
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (_llama.llama_token * cap)()
@@ -118,6 +137,9 @@ class Model(_Owned):
         return list(buf[:n])
 
     def piece(self, token: int) -> bytes:
+        self._live()
+        if not 0 <= token < self.n_vocab:
+            raise InputError(f"token id {token} is outside the vocabulary (0..{self.n_vocab - 1})", self.path)
         buf = ctypes.create_string_buffer(64)
         n = _llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
         if n < 0:
@@ -129,6 +151,7 @@ class Model(_Owned):
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
     def is_eog(self, token: int) -> bool:
+        self._live()
         return bool(_llama.llama_vocab_is_eog(self.vocab, token))
 
 
@@ -137,6 +160,7 @@ class LoraAdapter(_Owned):
 
     def __init__(self, model: Model, path: Path):
         self.path = _require_file(path, "LoRA adapter GGUF")
+        preflight(self.path, "adapter")
         self.model = model
         ptr = _llama.llama_adapter_lora_init(model.ptr, str(self.path).encode())
         if not ptr:
@@ -146,9 +170,12 @@ class LoraAdapter(_Owned):
     def _free(self) -> None:
         _llama.llama_adapter_lora_free(self._ptr)
 
+    def _depends_on(self):
+        return (self.model,)
+
     @property
     def ptr(self):
-        return self._ptr
+        return self._live()
 
 
 # a segment of a prompt: token ids, or image embeddings [n_tokens, n_embd] float32
@@ -166,13 +193,27 @@ class ContextOptions:
     kv_type: str = "f16"  # KV cache precision; "f32" for exact parity checks
     flash_attn: bool | None = None  # None: llama.cpp decides; False for exact parity checks
 
+    def check(self) -> "ContextOptions":
+        """Bounds llama.cpp asserts on (or crashes past) instead of returning an error."""
+        if not MIN_CTX <= self.n_ctx <= MAX_CTX:
+            raise ConfigError(f"n_ctx must be in [{MIN_CTX}, {MAX_CTX}], not {self.n_ctx}")
+        if not 1 <= self.n_batch <= MAX_CTX or not 0 <= self.n_threads <= 1024:
+            raise ConfigError(f"n_batch must be in [1, {MAX_CTX}] and n_threads in [0, 1024]")
+        if self.kv_type not in _KV_TYPES:
+            raise ConfigError(f"kv_type must be one of {', '.join(_KV_TYPES)}, not {self.kv_type!r}")
+        return self
+
+
+MIN_CTX, MAX_CTX = 16, 1 << 24  # a prompt needs a few positions; past 16 Mi the KV size overflows int32 math
+
 
 class Context(_Owned):
     """A decoding context over a Model: feeds tokens and image embeddings, returns logits."""
 
     def __init__(self, model: Model, options: ContextOptions | None = None):
+        self.options = (options or ContextOptions()).check()
+        model._live()
         self.model = model
-        self.options = options or ContextOptions()
         params = _llama.llama_context_default_params()
         params.n_ctx = self.options.n_ctx
         params.n_batch = self.options.n_batch
@@ -181,8 +222,6 @@ class Context(_Owned):
             params.n_threads = params.n_threads_batch = self.options.n_threads
         else:  # llama.cpp's default (4), but never more threads than CPUs: pool workers poll
             params.n_threads = params.n_threads_batch = min(params.n_threads, _usable_cpus())
-        if self.options.kv_type not in _KV_TYPES:
-            raise ConfigError(f"kv_type must be one of {', '.join(_KV_TYPES)}, not {self.options.kv_type!r}")
         params.type_k = params.type_v = _KV_TYPES[self.options.kv_type]
         if self.options.flash_attn is not None:
             params.flash_attn_type = int(self.options.flash_attn)
@@ -204,25 +243,28 @@ class Context(_Owned):
         _llama.llama_free(self._ptr)
         self._pool.close()  # after the context: it may compute until freed
 
+    def _depends_on(self):
+        return (self.model,)
+
     @property
     def ptr(self):
-        return self._ptr
+        return self._live()
 
     @property
     def n_ctx(self) -> int:
-        return _llama.llama_n_ctx(self._ptr)
+        return _llama.llama_n_ctx(self._live())
 
     def set_adapters(self, adapters: Sequence[tuple[LoraAdapter, float]]) -> None:
         """Apply these LoRA adapters with these scales (empty: the base model)."""
         n = len(adapters)
         arr = (_llama.llama_adapter_lora_p_ctypes * max(n, 1))(*[a.ptr for a, _ in adapters])
         scales = (ctypes.c_float * max(n, 1))(*[s for _, s in adapters])
-        if _llama.llama_set_adapters_lora(self._ptr, arr if n else None, n, scales if n else None) != 0:
+        if _llama.llama_set_adapters_lora(self._live(), arr if n else None, n, scales if n else None) != 0:
             raise NativeError(f"cannot apply LoRA adapters ({native_log_tail()})", self.model.path)
 
     def reset(self, keep: int = 0) -> None:
         """Forget every position from `keep` on (0: the whole KV cache)."""
-        mem = _llama.llama_get_memory(self._ptr)
+        mem = _llama.llama_get_memory(self._live())
         if keep == 0:
             _llama.llama_memory_clear(mem, True)
         else:
@@ -230,7 +272,13 @@ class Context(_Owned):
         self.n_past = keep
 
     def _decode(self, tokens: Sequence[int] | None, embd: np.ndarray | None, want_logits: bool) -> np.ndarray:
+        self._live()
         n = len(tokens) if tokens is not None else embd.shape[0]
+        if embd is not None and (embd.ndim != 2 or embd.shape[1] != self.model.n_embd):
+            raise InputError(f"image embeddings of shape {tuple(embd.shape)} do not fit the model's n_embd "
+                             f"{self.model.n_embd}", self.model.path)
+        if tokens is not None and any(not 0 <= t < self.model.n_vocab for t in tokens):
+            raise InputError(f"a token id is outside the vocabulary (0..{self.model.n_vocab - 1})", self.model.path)
         if self.n_past + n > self.n_ctx:
             raise InputError(f"prompt needs {self.n_past + n} positions but the context holds {self.n_ctx}")
         out: list[np.ndarray] = []
@@ -265,7 +313,7 @@ class Context(_Owned):
     def perf(self, reset: bool = False) -> dict[str, float]:
         """llama.cpp's own timers since the last reset (what `llama-mtmd-cli --perf` prints): prompt
         batches (`p_eval`) and single-token decodes (`eval`), so speed can be compared on one counter."""
-        data = _llama.llama_perf_context(self._ptr)
+        data = _llama.llama_perf_context(self._live())
         out = {"p_eval_ms": data.t_p_eval_ms, "n_p_eval": data.n_p_eval, "eval_ms": data.t_eval_ms, "n_eval": data.n_eval}
         if reset:
             _llama.llama_perf_context_reset(self._ptr)
@@ -274,6 +322,9 @@ class Context(_Owned):
     def step(self, token: int) -> None:
         """Decode one generated token. Its logits stay in the context for the sampler: nothing is
         copied out and no batch is allocated, which is all the per-token work left to Python."""
+        self._live()
+        if not 0 <= token < self.model.n_vocab:
+            raise InputError(f"token id {token} is outside the vocabulary (0..{self.model.n_vocab - 1})", self.model.path)
         if self.n_past + 1 > self.n_ctx:
             raise InputError(f"generation needs {self.n_past + 1} positions but the context holds {self.n_ctx}")
         if self._one is None:
@@ -318,6 +369,8 @@ class ImageEncoder(_Owned):
     def __init__(self, mmproj: Path, model: Model, *, use_gpu: bool = False, n_threads: int = 0,
                  flash_attn: bool | None = None):
         self.path = _require_file(mmproj, "mmproj GGUF")
+        preflight(self.path, "mmproj")
+        model._live()
         params = _mtmd.mtmd_context_params_default()
         params.use_gpu = use_gpu
         params.print_timings = False
@@ -335,8 +388,12 @@ class ImageEncoder(_Owned):
     def _free(self) -> None:
         _mtmd.mtmd_free(self._ptr)
 
+    def _depends_on(self):
+        return (self.model,)
+
     def encode(self, rgb: np.ndarray) -> np.ndarray:
         """Embeddings [n_tokens, n_embd] of one RGB uint8 image (already prepared to model size)."""
+        self._live()
         rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise InputError(f"expected an HxWx3 uint8 image, got shape {rgb.shape}")

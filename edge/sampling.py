@@ -22,14 +22,17 @@ class SamplingOptions:
     seed: int = 0
 
     def check(self) -> "SamplingOptions":
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, not {self.temperature}")
+        """Refuse what llama.cpp's samplers would take silently: NaN and infinities (NaN compares
+        false against every bound, so each range is checked as `lo <= x <= hi`), negative counts and
+        integers past the C int they are passed as."""
+        if not 0 <= self.temperature <= 100:
+            raise ConfigError(f"temperature must be in [0, 100], not {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], not {self.top_p}")
-        if self.top_k < 0 or self.max_tokens < 0:
-            raise ConfigError("top_k and max_tokens must be >= 0")
-        if self.repeat_penalty <= 0:
-            raise ConfigError(f"repeat_penalty must be > 0, not {self.repeat_penalty}")
+        if not (0 <= self.top_k < 2**31 and 0 <= self.max_tokens < 2**31 and -1 <= self.repeat_last_n < 2**31):
+            raise ConfigError("top_k and max_tokens must be in [0, 2^31), repeat_last_n in [-1, 2^31)")
+        if not 0 < self.repeat_penalty <= 100:
+            raise ConfigError(f"repeat_penalty must be in (0, 100], not {self.repeat_penalty}")
         return self
 
 

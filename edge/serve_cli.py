@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from factedge.edge.cli_options import model_options, n_ctx_option, open_vision, runtime_options
@@ -15,18 +17,29 @@ from factedge.edge.cli_options import model_options, n_ctx_option, open_vision, 
 @click.option("--api-key", envvar="FACTEDGE_API_KEY", help="require `Authorization: Bearer KEY` (env FACTEDGE_API_KEY)")
 @click.option("--max-request-bytes", type=int, default=32 << 20, show_default=True)
 @click.option("--max-queue", type=int, default=4, show_default=True, help="requests waiting beyond this get 429")
+@click.option("--allow-dir", "allow_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="a folder whose image files clients may name by local path (repeatable); "
+                   "by default clients send images as data: URIs and no local file is read")
+@click.option("--allow-host", "allowed_hosts", multiple=True,
+              help="a Host name to accept besides IP addresses and localhost (repeatable)")
+@click.option("--socket-timeout", type=float, default=30.0, show_default=True,
+              help="seconds any one read or write on a client connection may take")
+@click.option("--max-connections", type=int, default=32, show_default=True,
+              help="open connections; more are refused with 503")
 @n_ctx_option
 @runtime_options
 @click.option("--verbose", is_flag=True, help="log every request to stderr")
-def serve(model, mmproj, adapter, quant, host, port, api_key, max_request_bytes, max_queue, n_ctx, threads,
-          n_gpu_layers, verbose):
+def serve(model, mmproj, adapter, quant, host, port, api_key, max_request_bytes, max_queue, allow_dirs,
+          allowed_hosts, socket_timeout, max_connections, n_ctx, threads, n_gpu_layers, verbose):
     """Serve /v1/chat/completions and /v1/models (OpenAI-compatible) for a converted model."""
     from factedge.edge.chat import SessionOptions
     from factedge.edge.server import ChatServer, ServerOptions
     from factedge.edge.session import ChatOptions
 
     options = ServerOptions(host=host, port=port, api_key=api_key, max_request_bytes=max_request_bytes,
-                            max_queue=max_queue, session=SessionOptions(n_ctx=n_ctx))
+                            max_queue=max_queue, session=SessionOptions(n_ctx=n_ctx), allow_dirs=tuple(allow_dirs),
+                            allowed_hosts=tuple(allowed_hosts), socket_timeout_s=socket_timeout,
+                            max_connections=max_connections).check()
     log = (lambda line: click.echo(line, err=True)) if verbose else None
     with open_vision(model, mmproj, adapter, quant, ChatOptions(n_ctx=n_ctx, threads=threads,
                                                                 n_gpu_layers=n_gpu_layers)) as chat:

@@ -4,25 +4,40 @@
 (a lock); at most `max_queue` more requests wait, later ones get 429 at once, so no client hangs on an
 unbounded queue. Loopback by default; an optional Bearer key; bodies over `max_request_bytes` get 413.
 The server never prints (the http.server log goes to `log`, default silent); serve_cli talks.
+
+Clients are untrusted. Images come inline (data: URIs); local paths only inside folders the user
+exposed (`allow_dirs`, see edge.image_access). A `Host` that is neither an IP literal, localhost, nor
+a name the user allowed gets 421, and a POST body that is not `application/json` gets 415: together
+they keep a web page from reaching the server through the browser (DNS rebinding, simple cross-site
+POSTs). Every socket read and write times out (`socket_timeout_s`), connections beyond
+`max_connections` are refused with 503 at once, and any unexpected failure answers 500 without a
+traceback, so no client can hold a thread forever or learn the server's internals.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import socket
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Callable
 
 from factedge.edge.chat import ChatSession, SessionOptions
-from factedge.edge.errors import ConfigError, FactedgeError, InputError
+from factedge.edge.errors import ClosedError, ConfigError, FactedgeError, InputError
+from factedge.edge.image_access import ImageAccess
 from factedge.edge.openai_api import create_chat_completion, model_id
 from factedge.edge.session import VisionChat
 
 _PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "repeat_penalty")
 _DRAIN_LIMIT = 16 << 20  # an oversized body is read (and dropped) up to this, so the 413 reaches the client
+_BUSY_BODY = json.dumps({"error": {"message": "too many open connections", "type": "server_error",
+                                     "param": None, "code": "too_many_connections"}}).encode()
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+         b"Content-Length: %d\r\n\r\n" % len(_BUSY_BODY)) + _BUSY_BODY
 
 
 @dataclass
@@ -34,10 +49,16 @@ class ServerOptions:
     max_queue: int = 4  # requests allowed to wait while one generates
     queue_timeout_s: float = 300.0  # a waiting request gives up with 503 after this
     session: SessionOptions | None = None  # the server's ChatSession (KV prefix reuse across requests)
+    allow_dirs: tuple[Path, ...] = ()  # folders whose image files clients may name (none: data: URIs only)
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides IP literals and localhost
+    socket_timeout_s: float = 30.0  # each read or write on a client socket
+    max_connections: int = 32  # open connections; more are refused with 503
 
     def check(self) -> "ServerOptions":
-        if self.max_request_bytes < 1 or self.max_queue < 0 or self.queue_timeout_s <= 0:
+        if self.max_request_bytes < 1 or self.max_queue < 0 or not self.queue_timeout_s > 0:
             raise ConfigError("max_request_bytes must be >= 1, max_queue >= 0 and queue_timeout_s > 0")
+        if not 0 < self.socket_timeout_s <= 3600 or not 1 <= self.max_connections <= 4096:
+            raise ConfigError("socket_timeout_s must be in (0, 3600] and max_connections in [1, 4096]")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, not {self.port}")
         return self
@@ -53,6 +74,7 @@ class ChatServer(ThreadingHTTPServer):
     """ThreadingHTTPServer holding the model, its ChatSession, the generation lock and the queue."""
 
     daemon_threads = True
+    request_queue_size = 64  # listen backlog: a burst of clients waits for accept() instead of being reset
 
     def __init__(self, chat: VisionChat, options: ServerOptions | None = None, *, model: str | None = None,
                  log: Callable[[str], None] | None = None):
@@ -61,8 +83,10 @@ class ChatServer(ThreadingHTTPServer):
         self.model_name = model or model_id(chat)
         self.log = log
         self.session = ChatSession(chat, self.options.session or SessionOptions(n_ctx=chat.options.n_ctx))
+        self.image_access = ImageAccess.exposing(self.options.allow_dirs)
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(self.options.max_queue + 1)  # running + waiting
+        self.connections = threading.BoundedSemaphore(self.options.max_connections)
         if ":" in self.options.host:  # an IPv6 literal such as ::1
             self.address_family = socket.AF_INET6
         try:
@@ -74,6 +98,31 @@ class ChatServer(ThreadingHTTPServer):
     @property
     def port(self) -> int:
         return self.server_address[1]
+
+    def process_request(self, request, client_address) -> None:
+        """One thread per connection, up to max_connections; past that a 503 and the socket closed."""
+        if not self.connections.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """An exception that escaped a handler: logged (when logging), never printed with a traceback."""
+        if self.log:
+            import sys
+
+            self.log(f"{client_address[0]} connection error: {sys.exc_info()[1]!r}")
 
     def server_close(self) -> None:
         super().server_close()
@@ -92,6 +141,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: ChatServer
     server_version = "factedge"
 
+    def setup(self) -> None:
+        self.timeout = self.server.options.socket_timeout_s  # StreamRequestHandler applies it to the socket
+        super().setup()
+
     def log_message(self, format, *args) -> None:  # noqa: A002 (http.server's name)
         if self.server.log:
             self.server.log(f"{self.address_string()} {format % args}")
@@ -108,12 +161,33 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, route: Callable[[], None]) -> None:
         self._consumed = False  # whether the request body has been read
         try:
+            self._check_host()
             self._authorize()
             route()
         except HTTPError as exc:
             self._send_error(exc)
-        except (BrokenPipeError, ConnectionResetError):
+        except (OSError, ClosedError):  # the client went away or timed out; the server is closing
             self.close_connection = True
+        except Exception as exc:  # noqa: BLE001 - a bug must not drop the connection without a reply
+            if self.server.log:
+                self.server.log(f"internal error: {exc!r}")
+            self._send_error(HTTPError(500, "internal server error", "server_error", "internal_error"))
+
+    def _check_host(self) -> None:
+        """Refuse a Host that a DNS-rebinding page would send (a name that is not ours)."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        if not host:
+            return
+        name = host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+        try:
+            ipaddress.ip_address(name)
+            return
+        except ValueError:
+            pass
+        if name in ("localhost", *(h.lower() for h in self.server.options.allowed_hosts)):
+            return
+        raise HTTPError(421, f"Host {name!r} is not accepted (start the server with --allow-host {name} to allow it)",
+                        code="host_not_allowed")
 
     def _not_found(self) -> None:
         raise HTTPError(404, f"no route {self.command} {self.path}", code="not_found")
@@ -161,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
         server = self.server
         try:
             result = create_chat_completion(server.chat, messages, stream=stream, model=server.model_name,
-                                            session=server.session, **params)
+                                            session=server.session, image_access=server.image_access, **params)
         except (InputError, ConfigError) as exc:
             raise HTTPError(400, exc.one_line(), code=type(exc).__name__) from exc
         except FactedgeError as exc:
@@ -190,6 +264,10 @@ class _Handler(BaseHTTPRequestHandler):
     # -- plumbing ------------------------------------------------------------------------------
 
     def _read_json(self) -> dict:
+        kind = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if kind != "application/json":
+            raise HTTPError(415, f"Content-Type must be application/json, not {kind or 'missing'!r}",
+                            code="unsupported_media_type")
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise HTTPError(411, "chunked bodies are not supported; send Content-Length")
         try:
@@ -197,6 +275,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise HTTPError(411, "a Content-Length header is required") from None
         limit = self.server.options.max_request_bytes
+        if length < 0:
+            raise HTTPError(400, "Content-Length must not be negative")
         if length > limit:
             self._drain(length)
             raise HTTPError(413, f"request body of {length} bytes is over the {limit} byte limit",
@@ -206,6 +286,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise HTTPError(400, f"malformed JSON body: {exc}", code="invalid_json") from exc
+        except RecursionError:
+            raise HTTPError(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
         if not isinstance(body, dict):
             raise HTTPError(400, "the JSON body must be an object", code="invalid_json")
         return body

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from factedge.edge.bundle import BundleFiles, check_files, open_bundle
-from factedge.edge.errors import ConfigError
+from factedge.edge.errors import ConfigError, InputError
 from factedge.edge.image import ImageSource, load_image, prepare_image
-from factedge.edge.prompt import prompt_pieces, single_turn
+from factedge.edge.prompt import count_images, prompt_pieces, single_turn
 from factedge.edge.runtime import Context, ContextOptions, ImageEncoder, LoraAdapter, Model
 from factedge.edge.sampling import Sampler, SamplingOptions
 from factedge.edge.text_stream import TextStream
@@ -28,6 +28,16 @@ class ChatOptions:
     mmproj_on_gpu: bool = False
     adapter_scale: float = 1.0
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+    def check(self) -> "ChatOptions":
+        """NaN fails every comparison, so each bound is written as `lo <= x <= hi`."""
+        if not 0.0 <= self.adapter_scale <= 1.0:
+            raise ConfigError(f"adapter scale must be in [0, 1], not {self.adapter_scale}")
+        if not -1 <= self.n_gpu_layers < 1 << 20:
+            raise ConfigError(f"n_gpu_layers must be -1 (all) or a count >= 0, not {self.n_gpu_layers}")
+        ContextOptions(n_ctx=self.n_ctx, n_threads=self.threads).check()
+        self.sampling.check()
+        return self
 
 
 @dataclass
@@ -60,7 +70,7 @@ class VisionChat:
     """One model + mmproj (+ adapter) loaded once; each `ask` is an independent single-turn chat."""
 
     def __init__(self, files: BundleFiles, options: ChatOptions | None = None):
-        self.options = options or ChatOptions()
+        self.options = (options or ChatOptions()).check()
         self.files = files
         start = time.perf_counter()
         self.model = Model(files.model, n_gpu_layers=self.options.n_gpu_layers)
@@ -99,6 +109,9 @@ class VisionChat:
         sampling = sampling or self.options.sampling
         stats = Stats(load_s=self.load_s)
         pieces = self.prompt_ids(question, n_images=int(image is not None))
+        if count_images(pieces) != int(image is not None):
+            raise InputError("a question must not contain the image marker '<image>' itself "
+                             "(the image is placed before the question; give it as the image)")
         segments = []
         for piece in pieces:
             if piece is None:

@@ -4,9 +4,10 @@ Layout of `out/`:
 - `config.json` — the full config the run was started with (dataclasses.asdict);
 - `metrics.jsonl` — one JSON object per logged step (`{"step": N, ...}`); on resume, lines past the
   checkpoint's step are dropped so the file reads as one uninterrupted run;
-- `checkpoints/step-N/` — `trainable.safetensors` (only parameters that train), `optimizer.pt`,
-  `scheduler.pt`, `state.json` (step, epoch position, extra) and `rng.pt` (python / numpy / torch
-  RNG states). Written into a temp folder and renamed, so a killed run never leaves a half checkpoint;
+- `checkpoints/step-N/` — `trainable.safetensors` (only parameters that train), `optimizer.pt`
+  (tensors and plain numbers, loaded with `weights_only=True`), `scheduler.json`, `state.json` (step,
+  epoch position, extra), and the python / numpy / torch RNG states as `rng.safetensors` + `rng.json`.
+  Nothing a resume reads can run code: no pickle is loaded except through `weights_only=True`. Written into a temp folder and renamed, so a killed run never leaves a half checkpoint;
   the newest `keep` are kept.
 Only the main process writes (`main=False` on the others makes every write a no-op).
 """
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from factedge.train.atomic_dir import building_dir
-from factedge.edge.errors import CorruptFileError, InputError, MismatchError, OutputError
+from factedge.edge.errors import CorruptFileError, InputError, MismatchError, OutputError, UnsafePickleError
 from factedge.train.config import config_to_dict
 from factedge.train.tensor_files import atomic_path, write_json
 
@@ -41,19 +42,56 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The python / numpy / torch (and CUDA) RNG states as (tensors, plain JSON data): no pickle."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np.asarray(keys, np.int64))}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    plain = {"python": [version, list(words), gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
+    return tensors, plain
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    version, words, gauss = plain["python"]
+    random.setstate((int(version), tuple(int(w) for w in words), gauss))
+    kind, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((str(kind), tensors["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss),
+                         float(cached)))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda_")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CorruptFileError(f"cannot read checkpoint state: {exc}", path) from exc
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError, OSError: a bad header or a missing file, named
+        raise CorruptFileError(f"cannot read checkpoint tensors: {str(exc).splitlines()[0]}", path) from exc
+
+
+def _load_tensors_only(path: Path) -> Any:
+    """torch.load with weights_only=True; anything else in the pickle is refused, never executed."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafePickleError(f"refused: the pickle needs more than tensors ({str(exc).splitlines()[0]})",
+                                path) from exc
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CorruptFileError(f"cannot read checkpoint file: {exc}", path) from exc
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -176,8 +214,10 @@ class RunDir:
             if optimizer is not None:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             if scheduler is not None:
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(rng_state(), tmp / "rng.pt")
+                (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()), "utf-8")
+            rng_tensors, rng_plain = rng_state()
+            save_file(rng_tensors, str(tmp / "rng.safetensors"))
+            (tmp / "rng.json").write_text(json.dumps(rng_plain), "utf-8")
             (tmp / "state.json").write_text(json.dumps({"step": step, "extra": extra or {}}, indent=2), "utf-8")
         for old in self.checkpoint_dirs()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -187,23 +227,24 @@ class RunDir:
                         scheduler: Any | None, *, restore_rng: bool = True,
                         trainables: dict[str, nn.Parameter] | None = None) -> TrainState:
         """Restore weights, optimizer, scheduler and RNG from `ckpt_dir`; metrics past it are dropped."""
-        from safetensors.torch import load_file
-
         ckpt_dir = Path(ckpt_dir)
         if not (ckpt_dir / "state.json").is_file():
             raise InputError("not a checkpoint folder (no state.json)", ckpt_dir)
-        state = json.loads((ckpt_dir / "state.json").read_text("utf-8"))
-        tensors = load_file(str(ckpt_dir / "trainable.safetensors"))
+        state = _read_json(ckpt_dir / "state.json")
+        tensors = _load_safetensors(ckpt_dir / "trainable.safetensors")
         if trainables is not None:
             load_named(trainables, tensors, ckpt_dir)
         elif model is not None:
             load_trainable_state(model, tensors, ckpt_dir)
         if optimizer is not None:
-            optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
+            optimizer.load_state_dict(_load_tensors_only(ckpt_dir / "optimizer.pt"))
         if scheduler is not None:
-            scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=False))
+            scheduler.load_state_dict(_read_json(ckpt_dir / "scheduler.json"))
         if restore_rng:
-            set_rng_state(torch.load(ckpt_dir / "rng.pt", weights_only=False))
+            try:
+                set_rng_state(_load_safetensors(ckpt_dir / "rng.safetensors"), _read_json(ckpt_dir / "rng.json"))
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise CorruptFileError(f"RNG state does not fit this run: {exc}", ckpt_dir / "rng.json") from exc
         self._truncate_metrics(int(state["step"]))
         return TrainState(step=int(state["step"]), extra=state.get("extra") or {})
 

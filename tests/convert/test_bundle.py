@@ -134,7 +134,8 @@ def test_verify_fills_fidelity_and_card(tiny_llava_hf, native, tmp_path):
     assert len(cosines) == 3 and min(cosines) >= 0.999
     assert set(fid["logits"]) == {"F16", "Q8_0"}
     f16 = fid["logits"]["F16"]
-    assert f16["top1_agreement"] >= 0.99 and f16["mean_kl"] < 1e-3 and f16["greedy_common"] >= 8
+    # near-ties of the random weights flip with the machine's kernels: assert the decided positions
+    assert f16["decided_agreement"] == 1.0 and f16["decided_positions"] > 100 and f16["mean_kl"] < 1e-3
     # tiny random weights give flat next-token distributions, so Q8_0's top-1 may fall below the
     # 0.99 promise: then it is listed as a failure (and the card says so) rather than hidden
     q8 = fid["logits"]["Q8_0"]
@@ -146,6 +147,7 @@ def test_verify_fills_fidelity_and_card(tiny_llava_hf, native, tmp_path):
         assert f"| model {dtype} | top-1 agreement / mean KL after an image prompt | " \
                f"{f['top1_agreement'] * 100:.2f}% / {f['mean_kl']:.2e} |" in card
         assert f"{f['greedy_common']} of {len(f['greedy_ref'])} tokens" in card
+        assert f"{f['decided_agreement'] * 100:.2f}% of {f['decided_positions']} positions" in card
     verdict = "All promised thresholds met." if not fid["failures"] else "Below threshold: " + "; ".join(fid["failures"])
     assert verdict in card and "Not verified" not in card
 
@@ -177,7 +179,7 @@ def test_existing_output_refused_before_any_work(tiny_llava_hf, tmp_path, monkey
     with pytest.raises(OutputError, match="output exists .*--overwrite"):
         convert_checkpoint(Path(tiny_llava_hf.root), out, ConvertOptions(**FAST))
     # --overwrite never deletes a folder that is not a bundle
-    with pytest.raises(OutputError, match="not a factedge bundle"):
+    with pytest.raises(OutputError, match="holds 'keep.txt', which factedge did not write"):
         convert_checkpoint(Path(tiny_llava_hf.root), out, ConvertOptions(**FAST, overwrite=True))
     with pytest.raises(OutputError, match="is a file"):
         convert_checkpoint(Path(tiny_llava_hf.root), out / "keep.txt", ConvertOptions(**FAST))
@@ -267,3 +269,63 @@ def test_missing_native_build_refused_before_any_work(tiny_llava_hf, tmp_path, m
     with pytest.raises(NativeError, match="libraries not found"):
         convert_checkpoint(Path(tiny_llava_hf.root), tmp_path / "out", ConvertOptions(**FAST))
     assert _entries(tmp_path) == []
+
+
+def test_folders_beside_the_output_are_never_touched(tiny_llava_hf, tmp_path):
+    """`<out>.old/` and `<out>.partial/` are names a user may have: factedge stages under fresh names."""
+    out = tmp_path / "b"
+    for name in ("b.old", "b.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine.txt").write_text("the user's")
+    convert_checkpoint(Path(tiny_llava_hf.root), out, ConvertOptions(**FAST))
+    convert_checkpoint(Path(tiny_llava_hf.root), out, ConvertOptions(**FAST, overwrite=True))
+    assert _entries(tmp_path) == ["b", "b.old", "b.partial"]
+    assert all((tmp_path / n / "mine.txt").read_text() == "the user's" for n in ("b.old", "b.partial"))
+
+
+def test_overwrite_refuses_a_bundle_the_user_added_files_to(tiny_llava_hf, tmp_path):
+    out = tmp_path / "b"
+    convert_checkpoint(Path(tiny_llava_hf.root), out, ConvertOptions(**FAST))
+    (out / "notes.md").write_text("my notes")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(OutputError, match="holds 'notes.md', which factedge did not write"):
+        convert_checkpoint(Path(tiny_llava_hf.root), out, ConvertOptions(**FAST, overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "notes.md").read_text() == "my notes"
+    assert _entries(tmp_path) == ["b"]
+
+
+def test_sigterm_while_quantizing_stops_the_worker_and_leaves_nothing(tiny_llava_hf, tmp_path):
+    """A real `factedge convert` process gets SIGTERM while its quantize worker runs: it exits 143,
+    the worker is gone, and no staging folder or output is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "b"
+    script = tmp_path / "run.py"  # factedge convert, with a quantize worker that only sleeps
+    script.write_text(
+        "import os, sys\n"
+        "import factedge.convert.quantize as q\n"
+        "sleeper = 'import os, time; open(os.environ[\"PIDFILE\"], \"w\").write(str(os.getpid())); time.sleep(60)'\n"
+        "q.quantize_command = lambda *a, **k: [sys.executable, '-c', sleeper]\n"
+        "from factedge.edge.cli import main\n"
+        "sys.argv[0] = 'factedge'\n"
+        "main()\n")
+    code = str(script)
+    env = {**os.environ, "PIDFILE": str(tmp_path / "worker.pid")}
+    proc = subprocess.Popen([sys.executable, code, "convert", str(tiny_llava_hf.root), "--out", str(out),
+                             "--no-verify", "--quant", "Q8_0", "--base-type", "f32"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "worker.pid").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    worker = int((tmp_path / "worker.pid").read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 143, proc.stderr.read()
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)
+    assert _entries(tmp_path) == ["run.py", "worker.pid"]

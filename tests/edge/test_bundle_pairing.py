@@ -195,3 +195,28 @@ def test_ask_refuses_foreign_mmproj_before_loading(bundle_a, bundle_b, capsys):
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert err.startswith(f"factedge: error: {foreign}: mmproj was made for another model") and err.count("\n") == 1
+
+
+def test_a_damaged_file_is_refused_by_its_sha256_and_verified_once(make_bundle, tiny_llava_hf, tmp_path,
+                                                                    monkeypatch):
+    import factedge.edge.file_hashes as file_hashes
+    from factedge.edge.errors import CorruptFileError
+
+    monkeypatch.setenv("FACTEDGE_CACHE", str(tmp_path / "cache"))
+    src = make_bundle("hashed", tiny_llava_hf)
+    bundle = tmp_path / "b"
+    shutil.copytree(src, bundle)
+    hashed = []
+    real = file_hashes.sha256_file
+    monkeypatch.setattr(file_hashes, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    files = open_bundle(bundle)
+    assert sorted(hashed) == sorted(p.name for p in (files.model, files.mmproj))
+    open_bundle(bundle)  # unchanged: the cache answers, nothing is hashed again
+    assert len(hashed) == 2
+    data = bytearray(files.mmproj.read_bytes())
+    data[-5] ^= 0x01  # one bit in the tensor data: the header still reads fine
+    files.mmproj.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="differs from the manifest") as info:
+        open_bundle(bundle)
+    assert info.value.path == files.mmproj
+    open_bundle(bundle, verify_hashes=False)  # the escape hatch for a user who edited a file on purpose

@@ -85,7 +85,7 @@ def test_scripted_chat_saves_resets_and_survives_errors(bundle, png, tmp_path, s
     errors = [line for line in out.splitlines() if "error:" in line]
     assert len(errors) == 2
     assert errors[0].endswith("error: unknown command /nosuch (/help lists them)")
-    assert errors[1].endswith(f"error: image not found: {tmp_path}/missing.png")
+    assert errors[1].endswith(f"error: not attached: {tmp_path}/missing.png: image file not found")
     assert out.count("bot> ") == 3  # the chat went on after both errors
     stats = [line for line in out.splitlines() if line.startswith("(image encode")]
     assert len(stats) == 3 and all("tok/s" in line for line in stats)
@@ -102,7 +102,7 @@ def test_eof_exits_cleanly_and_image_option_attaches(bundle, png):
     bad = _cli(bundle, "/image\n/save\n", "--image", str(png.parent / "nope.png"))
     assert bad.exit_code == 0
     assert [line.split("error: ")[1] for line in bad.output.splitlines() if "error: " in line] == [
-        f"image not found: {png.parent / 'nope.png'}", "/image needs an argument (/help)",
+        f"not attached: {png.parent / 'nope.png'}: image file not found", "/image needs an argument (/help)",
         "/save needs an argument (/help)"]
 
 

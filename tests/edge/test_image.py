@@ -259,3 +259,64 @@ def test_edge_image_does_not_import_torch():
 
     code = "import sys, factedge.edge.image; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- hostile files ---------------------------------------------------------------------------------
+
+
+def test_a_fifo_is_refused_not_read(tmp_path):
+    import os
+
+    from factedge.edge.errors import InputError
+    from factedge.edge.image import load_image
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # reading it would block forever: no writer
+    with pytest.raises(InputError, match="not a regular file"):
+        load_image(fifo)
+
+
+def test_an_oversized_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import builtins
+
+    from factedge.edge import image as image_module
+    from factedge.edge.errors import InputError
+
+    big = tmp_path / "big.png"
+    with open(big, "wb") as fh:  # sparse: 2 GiB on paper, nothing on disk
+        fh.truncate(2 << 30)
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    with pytest.raises(InputError, match="over the 67108864 byte limit"):
+        image_module.load_image(big)
+    assert big not in opened and str(big) not in opened
+
+
+def test_a_decoder_that_cannot_decode_gives_an_input_error(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from factedge.edge.errors import InputError
+    from factedge.edge.image import load_image
+
+    path = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+
+    def unsupported(self):
+        raise NotImplementedError("compression 42 is not supported")  # what Pillow's TIFF plugin raises
+
+    monkeypatch.setattr(Image.Image, "load", unsupported)
+    with pytest.raises(InputError, match="cannot decode image: compression 42"):
+        load_image(path)
+
+
+def test_sixteen_bit_images_convert_exactly_as_before_in_integers():
+    """(x + 128) // 257 equals round(x / 257) for every 16-bit value: the float path it replaced."""
+    from PIL import Image
+
+    from factedge.edge.image import load_image
+
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    got = np.asarray(load_image(Image.fromarray(values)))[..., 0]  # mode I;16
+    want = np.clip(np.round(values.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(got, want)

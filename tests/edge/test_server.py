@@ -33,12 +33,13 @@ def vision(rlhf_vision):
 
 
 @pytest.fixture(scope="module")
-def server(vision):
+def server(vision, image_file):
     from factedge.edge.chat import SessionOptions
     from factedge.edge.server import ChatServer, ServerOptions, start_in_thread
 
     srv = ChatServer(vision, ServerOptions(port=0, api_key=KEY, max_request_bytes=1 << 20, max_queue=1,
-                                           queue_timeout_s=30, session=SessionOptions(**EXACT)))
+                                           queue_timeout_s=30, session=SessionOptions(**EXACT),
+                                           allow_dirs=(image_file.parent,)))
     assert srv.server_address[0] == "127.0.0.1"
     thread = start_in_thread(srv)
     yield srv
@@ -77,7 +78,8 @@ def direct(vision, msgs):
 def raw(server, method, path, body: bytes | None = None, headers: dict | None = None):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
-        conn.request(method, path, body=body, headers={"Authorization": f"Bearer {KEY}", **(headers or {})})
+        conn.request(method, path, body=body, headers={"Authorization": f"Bearer {KEY}",
+                                                       "Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
