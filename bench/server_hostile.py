@@ -18,6 +18,7 @@ import http.client
 import importlib.util
 import json
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _soak():
     spec = importlib.util.spec_from_file_location("bench_soak", ROOT / "bench" / "soak.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
