@@ -299,3 +299,13 @@ def test_a_new_image_is_encoded_and_the_same_image_is_not(session, vision, encod
 def test_image_marker_in_text_is_refused(session):
     with pytest.raises(InputError):
         session().ask("look: <image> here")
+
+
+def test_the_one_shot_ask_refuses_the_marker_too(vision, tmp_path):
+    """`factedge ask "<image> hi"` placed the image once per marker (or failed on a None image)."""
+    from factedge.edge.cli import run
+
+    with pytest.raises(InputError, match="image marker"):
+        vision.ask("<image> hi")
+    bundle = vision.files.model.parent
+    assert run(["ask", "--model", str(bundle), "--max-tokens", "2", "<image> hi"]) == 2

@@ -153,3 +153,13 @@ def test_ctrl_c_stops_one_answer_and_the_chat_goes_on(session, png):
     for t in s.turns[:2]:
         ref.add_turn(t.user, t.assistant, t.images)
     assert ref.ask(Q3).text == s.turns[2].assistant
+
+
+def test_a_bad_image_is_not_attached_and_later_questions_work(bundle, png, tmp_path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"this is text, not a PNG")
+    result = _cli(bundle, f"/image {bad}\nWhat is it?\n/image {png}\nAnd now?\n")
+    assert result.exit_code == 0
+    errors = [line.split("error: ", 1)[1] for line in result.output.splitlines() if "error: " in line]
+    assert errors == [f"not attached: {bad}: not an image Pillow can read"]
+    assert result.output.count("bot> ") == 2 and "(image cat.png attached" in result.output
