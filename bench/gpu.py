@@ -14,6 +14,7 @@ This script, run on a CUDA machine against the CUDA build, checks it end to end 
     python bench/gpu.py --part parity --bundle W/tiny
     python bench/gpu.py --part speed --bundle W/tiny --quants F32
     python bench/gpu.py --part build7b --work W         # ~28 GB of disk at the peak
+    python bench/gpu.py --part random7b --work W --quants Q8_0,Q4_K_M   # the same shapes written directly
     python bench/gpu.py --part quantize --bundle W/b7/bundle --quants Q8_0,Q4_K_M
     python bench/gpu.py --part speed --bundle W/b7/bundle --quants F16,Q8_0,Q4_K_M
 """
@@ -102,6 +103,57 @@ def part_build7b(args) -> None:
     shutil.rmtree(work / "ckpt", ignore_errors=True)
     (work / "times.json").write_text(json.dumps({"build_s": t1 - t0, "convert_f16_s": t2 - t1,
                                                  "ckpt_gib": ckpt_bytes / 2**30}))
+
+
+def part_random7b(args) -> None:
+    """The 7B-shaped LM (f16) and CLIP-L/14 mmproj (f16) written straight from random tensors: the
+    tiny checkpoint supplies the real vocab and layout, each tensor is drawn when its turn comes to be
+    written (no 14 GB checkpoint on disk, no conversion pass), then Q8_0 and Q4_K_M by libllama."""
+    import dataclasses
+
+    import torch
+
+    from factedge.convert.language_model import write_language_model
+    from factedge.convert.layouts import load_checkpoint
+    from factedge.convert.mmproj import write_mmproj
+    from factedge.convert.quantize import quantize_language_model
+    from factedge.convert.shapes import lm_shapes, projector_shapes, vision_shapes
+    from factedge.convert.specs import TextSpec, VisionSpec
+    from factedge.train.tiny_cache import cached_tiny
+
+    shape = SMOKE if args.smoke else SEVEN_B
+    base = load_checkpoint(cached_tiny("llava-rlhf", image_size=224).root)
+    text = dataclasses.replace(base.text, **{f: v for f, v in zip(
+        ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"), shape["text"])})
+    v = VisionSpec(*shape["vision"])
+    vision = dataclasses.replace(base.vision, image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+                                 intermediate_size=v.intermediate_size, num_layers=v.num_layers, num_heads=v.num_heads)
+
+    def random(shapes):
+        def draw(s):
+            return torch.ones(s) if len(s) == 1 and s[0] > 1 else torch.empty(s).normal_(0.0, 0.02)
+        return lambda: ((name, (lambda s=s: draw(s))) for name, s in shapes.items())
+
+    ckpt = dataclasses.replace(base, text=text, vision=vision, adapter_dir=None,
+                               _lm=random(lm_shapes(text)), _vision=random(vision_shapes(vision)),
+                               _projector=random(projector_shapes(base.projector_type, vision.hidden_size, text.hidden_size)))
+    out = Path(args.work) / "b7" / "bundle"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    write_language_model(ckpt, out / "model-f16.gguf", ftype="f16")
+    t1 = time.perf_counter()
+    write_mmproj(ckpt, out / "mmproj-f16.gguf", ftype="f16")
+    t2 = time.perf_counter()
+    print(f"random7b: f16 LM {(out / 'model-f16.gguf').stat().st_size / 2**30:.2f} GiB in {t1 - t0:.0f} s, "
+          f"f16 mmproj {(out / 'mmproj-f16.gguf').stat().st_size / 2**30:.2f} GiB in {t2 - t1:.0f} s", flush=True)
+    for quant in args.quants.split(","):
+        if quant.upper() in ("F16", "F32"):
+            continue
+        t = time.perf_counter()
+        quantize_language_model(out / "model-f16.gguf", out / f"model-{quant}.gguf", quant, threads=args.threads or None)
+        print(f"random7b: {quant} in {time.perf_counter() - t:.0f} s, "
+              f"{(out / f'model-{quant}.gguf').stat().st_size / 2**30:.2f} GiB", flush=True)
 
 
 def part_quantize(args) -> None:
@@ -193,6 +245,14 @@ def part_parity(args) -> None:
         print(f"| {label} | {c['emb_max_abs']:.2e} | {c['emb_min_cos']:.7f} | {c['logit_max_abs']:.2e} ({c['logit_std']:.2f}) "
               f"| {c['top1']:.2%} of {c['positions']} | {c['greedy_equal']}/{c['greedy_n']} | "
               f"{c['greedy_prefix'] if c['greedy_prefix'] < c['greedy_n'] else '-'} |")
+    from factedge.edge.errors import NativeError
+    from factedge.edge.native import tool
+
+    try:
+        tool("llama-mtmd-cli")
+    except NativeError:
+        print("\n(llama-mtmd-cli not built: the native CLI's CPU-vs-GPU check is skipped)", flush=True)
+        return
     exact = ["-fa", "off", "-ctk", "f32", "-ctv", "f32"]
     cpu_text, _ = _mtmd(model, mmproj, image, 0, args.n_predict, exact, cpu_only=True)
     gpu_text, gpu_log = _mtmd(model, mmproj, image, 99, args.n_predict, exact)
@@ -212,11 +272,16 @@ def _factedge_speed(model: Path, mmproj: Path, image: Path, args) -> dict:
                        sampling=SamplingOptions(max_tokens=args.n_predict))
     with VisionChat.open(model=model, mmproj=mmproj, options=opts) as chat:
         chat.ask(QUESTION, image)  # warm-up: CUDA kernels, cuBLAS handles, first touch of the weights
-        runs = [chat.ask(QUESTION, image).stats for _ in range(args.reps)]
+        runs, counters = [], []
+        for _ in range(args.reps):
+            chat.ctx.perf(reset=True)
+            runs.append(chat.ask(QUESTION, image).stats)
+            counters.append(chat.ctx.perf())  # llama.cpp's own timers for the same decodes
         load_s = chat.load_s
     return {"load_s": load_s, "encode_ms": _median([s.image_encode_s * 1e3 for s in runs]),
             "prompt_tokens": runs[0].prompt_tokens, "prompt_tps": _median([s.prompt_tps for s in runs]),
-            "gen_tokens": runs[0].generated_tokens, "gen_tps": _median([s.generate_tps for s in runs])}
+            "gen_tokens": runs[0].generated_tokens, "gen_tps": _median([s.generate_tps for s in runs]),
+            "llama_eval_tps": _median([c["n_eval"] / c["eval_ms"] * 1e3 for c in counters if c["eval_ms"]])}
 
 
 def _native_speed(model: Path, mmproj: Path, image: Path, args) -> dict:
@@ -250,6 +315,8 @@ def part_speed(args) -> None:
         if fe:
             print(f"| {quant} + {mm} | {gib:.2f} | factedge VisionChat | {fe['load_s']:.1f} | {fe['encode_ms']:.1f} | "
                   f"{fe['prompt_tokens']} | {fe['prompt_tps']:.0f} | {fe['gen_tokens']} | {fe['gen_tps']:.1f} |")
+            print(f"| {quant} + {mm} | {gib:.2f} | same decodes, llama.cpp's own eval counter | | | | | "
+                  f"| {fe['llama_eval_tps']:.1f} |")
         if nat:
             print(f"| {quant} + {mm} | {gib:.2f} | llama-mtmd-cli -ngl 99 | | {nat['encode_ms']:.1f} | "
                   f"{nat['prompt_tokens']} | {nat['prompt_tps']:.0f} | {nat['gen_tokens']} | {nat['gen_tps']:.1f} |")
@@ -258,7 +325,7 @@ def part_speed(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["tiny", "parity", "build7b", "quantize", "speed"])
+    p.add_argument("--part", choices=["tiny", "parity", "build7b", "random7b", "quantize", "speed"])
     p.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--image", help=argparse.SUPPRESS)
@@ -275,8 +342,8 @@ def main(argv: list[str] | None = None) -> None:
         child_run(args)
         return
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    {"tiny": part_tiny, "parity": part_parity, "build7b": part_build7b, "quantize": part_quantize,
-     "speed": part_speed}[args.part](args)
+    {"tiny": part_tiny, "parity": part_parity, "build7b": part_build7b, "random7b": part_random7b,
+     "quantize": part_quantize, "speed": part_speed}[args.part](args)
 
 
 if __name__ == "__main__":
