@@ -54,11 +54,11 @@ def make_image(size: int, path: Path) -> Path:
 
 def resolve_files(args) -> Files:
     from factedge.edge.bundle import open_bundle
-    from factedge.edge.session import _mmproj_image_size
+    from factedge.edge.vision_model import mmproj_image_size
 
     bundle = Path(args.bundle) if args.bundle else build_bundle(Path(args.scratch))
     files = open_bundle(bundle, quant=args.quant)
-    return Files(files.model, files.mmproj, _mmproj_image_size(files.mmproj))
+    return Files(files.model, files.mmproj, mmproj_image_size(files.mmproj))
 
 
 def build_bundle(scratch: Path) -> Path:
@@ -73,7 +73,7 @@ def build_bundle(scratch: Path) -> Path:
     return out
 
 
-# -- 1. native CLI vs VisionChat -----------------------------------------------------------------
+# -- 1. native CLI vs VisionModel -----------------------------------------------------------------
 
 _ENC = re.compile(r"(?:slice encoded in|encoding done in)\s+(\d+)\s*ms")
 _PROMPT = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
@@ -100,12 +100,15 @@ def run_native(files: Files, image: Path, args) -> dict:
             "gen_tokens": int(e.group(2)), "gen_tps": int(e.group(2)) / float(e.group(1)) * 1e3 if float(e.group(1)) else 0.0}
 
 
-def run_factedge(vision, image: Path, args) -> dict:
+def run_factedge(session, image: Path, args) -> dict:
+    """One fresh one-turn chat (history reset, no image kept: what `factedge ask` does), timed on
+    llama.cpp's own counters for its decodes and on the wall clock."""
     from factedge.edge.sampling import SamplingOptions
 
-    vision.ctx.perf(reset=True)
-    ans = vision.ask(args.question, image=image, sampling=SamplingOptions(max_tokens=args.n_predict))
-    s, perf = ans.stats, vision.ctx.perf()
+    session.reset()
+    session.ctx.perf(reset=True)
+    ans = session.ask(args.question, image, SamplingOptions(max_tokens=args.n_predict))
+    s, perf = ans.stats, session.ctx.perf()
     return {"encode_ms": s.image_encode_s * 1e3, "prompt_tokens": s.prompt_tokens,
             "prompt_tps": s.prompt_tokens / s.prompt_s, "gen_tokens": s.generated_tokens,
             "gen_tps": perf["n_eval"] / perf["eval_ms"] * 1e3 if perf["eval_ms"] else 0.0,
@@ -113,15 +116,19 @@ def run_factedge(vision, image: Path, args) -> dict:
 
 
 def bench_vs_native(files: Files, image: Path, args) -> str:
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
-    vision = VisionChat.open(model=files.model, mmproj=files.mmproj,
-                             options=ChatOptions(n_ctx=args.n_ctx, threads=args.threads))
-    run_factedge(vision, image, args)  # warm-up: first-touch page faults of the mmap'd weights
+    from factedge.edge.chat import ChatSession, SessionOptions
+
+    vision = VisionModel.open(model=files.model, mmproj=files.mmproj,
+                              options=ModelOptions(n_ctx=args.n_ctx, threads=args.threads))
+    session = ChatSession(vision, SessionOptions(n_ctx=args.n_ctx, image_cache=0))
+    run_factedge(session, image, args)  # warm-up: first-touch page faults of the mmap'd weights
     nat, fe = [], []
     for _ in range(args.reps):  # interleaved: both sides see the same machine load
         nat.append(run_native(files, image, args))
-        fe.append(run_factedge(vision, image, args))
+        fe.append(run_factedge(session, image, args))
+    session.close()
     vision.close()
     rows = ["| metric | llama-mtmd-cli | factedge | factedge/native |", "|---|---:|---:|---:|"]
     for key, label, better_low in (("encode_ms", "image encode ms", True),
@@ -157,10 +164,10 @@ def _first_piece(stream) -> float:
 def factedge_two_turns(files: Files, image: Path, args) -> tuple[float, float, dict]:
     from factedge.edge.chat import ChatSession, SessionOptions
     from factedge.edge.sampling import SamplingOptions
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
-    vision = VisionChat.open(model=files.model, mmproj=files.mmproj,
-                             options=ChatOptions(n_ctx=args.n_ctx, threads=args.threads))
+    vision = VisionModel.open(model=files.model, mmproj=files.mmproj,
+                             options=ModelOptions(n_ctx=args.n_ctx, threads=args.threads))
     sess = ChatSession(vision, SessionOptions(n_ctx=args.n_ctx, sampling=SamplingOptions(max_tokens=args.n_predict)))
     times = []
     for text, img in ((args.question, image), ("And what colours does it have?", None)):
@@ -246,10 +253,10 @@ CHILD = """
 import sys
 from factedge.edge.chat import ChatSession, SessionOptions
 from factedge.edge.sampling import SamplingOptions
-from factedge.edge.session import ChatOptions, VisionChat
+from factedge.edge.vision_model import ModelOptions, VisionModel
 model, mmproj, image, n_ctx, threads, n = sys.argv[1:7]
 if model != "-":
-    v = VisionChat.open(model=model, mmproj=mmproj, options=ChatOptions(n_ctx=int(n_ctx), threads=int(threads)))
+    v = VisionModel.open(model=model, mmproj=mmproj, options=ModelOptions(n_ctx=int(n_ctx), threads=int(threads)))
     s = ChatSession(v, SessionOptions(n_ctx=int(n_ctx), sampling=SamplingOptions(max_tokens=int(n))))
     for q, img in (("Describe the image.", image), ("What colours?", None), ("Anything else?", None)):
         s.ask(q, img)

@@ -79,10 +79,10 @@ def ensure_bundle(name: str, specs: tuple[TextSpec, VisionSpec], quants: list[st
 
 
 def open_chat(bundle: Path, quant: str, args):
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
-    return VisionChat.open(model=bundle / f"model-{quant}.gguf", mmproj=bundle / "mmproj-f16.gguf",
-                           options=ChatOptions(n_ctx=args.n_ctx, threads=args.threads))
+    return VisionModel.open(model=bundle / f"model-{quant}.gguf", mmproj=bundle / "mmproj-f16.gguf",
+                           options=ModelOptions(n_ctx=args.n_ctx, threads=args.threads))
 
 
 def run_factedge(chat, image: Path, args) -> dict:

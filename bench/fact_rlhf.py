@@ -17,7 +17,6 @@ ggml-vocab-llama-spm.gguf (read with gguf) or a serialised `tokenizer.model` (re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -125,13 +124,6 @@ def print_table(summary: dict, n_seeds: int) -> None:
         print(f"{label:34} {f(s['mean']):>28} [{', '.join(f(x) for x in s['per_seed'])}]")
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scale", choices=("micro", "cpu", "gpu"), default="cpu")
@@ -166,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"scale": args.scale, "seeds": seeds, "summary": summary, "runs": results,
               "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if args.json:
-        write_json_atomic(args.json, report)
+        from factedge.edge.atomic import write_json
+
+        write_json(args.json, report, indent=1, default=str)
     return 0
 
 

@@ -8,7 +8,7 @@ This script, run on a CUDA machine against the CUDA build, checks it end to end 
 - build7b / quantize: a random-weight LLaMA-7B-shaped LM with a CLIP ViT-L/14-224 mmproj in the
   LLaVA-RLHF layout, written by `train.tiny.build_tiny` and converted by factedge (f16, then Q8_0, Q4_K_M);
 - speed: image encode ms, prompt and generation tokens/s per file with everything on the GPU, from
-  factedge's VisionChat stats and from llama-mtmd-cli's own perf lines.
+  factedge's VisionModel stats and from llama-mtmd-cli's own perf lines.
 
     python bench/gpu.py --part tiny --work W            # tiny LLaVA-RLHF checkpoint -> f32 bundle W/tiny
     python bench/gpu.py --part parity --bundle W/tiny
@@ -59,9 +59,9 @@ def _files(bundle: Path, quant: str) -> tuple[Path, Path]:
 
 
 def _image_size(mmproj: Path) -> int:
-    from factedge.edge.session import _mmproj_image_size
+    from factedge.edge.vision_model import mmproj_image_size
 
-    return _mmproj_image_size(mmproj)
+    return mmproj_image_size(mmproj)
 
 
 # -- building ---------------------------------------------------------------------------------------
@@ -266,18 +266,22 @@ def part_parity(args) -> None:
 
 def _factedge_speed(model: Path, mmproj: Path, image: Path, args) -> dict:
     from factedge.edge.sampling import SamplingOptions
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
-    opts = ChatOptions(n_ctx=2048, n_gpu_layers=-1, mmproj_on_gpu=True,
+    opts = ModelOptions(n_ctx=2048, n_gpu_layers=-1, mmproj_on_gpu=True,
                        sampling=SamplingOptions(max_tokens=args.n_predict))
-    with VisionChat.open(model=model, mmproj=mmproj, options=opts) as chat:
+    from factedge.edge.chat import ChatSession, SessionOptions
+
+    with VisionModel.open(model=model, mmproj=mmproj, options=opts) as vision, \
+            ChatSession(vision, SessionOptions(n_ctx=2048, image_cache=0)) as chat:
         chat.ask(QUESTION, image)  # warm-up: CUDA kernels, cuBLAS handles, first touch of the weights
         runs, counters = [], []
         for _ in range(args.reps):
+            chat.reset()  # a fresh one-turn chat each time, as `factedge ask`
             chat.ctx.perf(reset=True)
             runs.append(chat.ask(QUESTION, image).stats)
             counters.append(chat.ctx.perf())  # llama.cpp's own timers for the same decodes
-        load_s = chat.load_s
+        load_s = vision.load_s
     return {"load_s": load_s, "encode_ms": _median([s.image_encode_s * 1e3 for s in runs]),
             "prompt_tokens": runs[0].prompt_tokens, "prompt_tps": _median([s.prompt_tps for s in runs]),
             "gen_tokens": runs[0].generated_tokens, "gen_tps": _median([s.generate_tps for s in runs]),
@@ -313,7 +317,7 @@ def part_speed(args) -> None:
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for quant, gib, mm, fe, nat in rows:
         if fe:
-            print(f"| {quant} + {mm} | {gib:.2f} | factedge VisionChat | {fe['load_s']:.1f} | {fe['encode_ms']:.1f} | "
+            print(f"| {quant} + {mm} | {gib:.2f} | factedge VisionModel | {fe['load_s']:.1f} | {fe['encode_ms']:.1f} | "
                   f"{fe['prompt_tokens']} | {fe['prompt_tps']:.0f} | {fe['gen_tokens']} | {fe['gen_tps']:.1f} |")
             print(f"| {quant} + {mm} | {gib:.2f} | same decodes, llama.cpp's own eval counter | | | | | "
                   f"| {fe['llama_eval_tps']:.1f} |")
@@ -333,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default="/tmp/factedge_gpu")
     p.add_argument("--quants", default="F32", help="comma-separated model files of the bundle (F32, F16, Q8_0, ...)")
     p.add_argument("--n-predict", type=int, default=32)
-    p.add_argument("--reps", type=int, default=3, help="factedge VisionChat runs per file (0: none)")
+    p.add_argument("--reps", type=int, default=3, help="factedge VisionModel runs per file (0: none)")
     p.add_argument("--native-reps", type=int, default=1, help="llama-mtmd-cli runs per file (0: none)")
     p.add_argument("--threads", type=int, default=0, help="for conversion and llama-quantize (0: all cores)")
     p.add_argument("--smoke", action="store_true", help="build7b with tiny shapes (checks the path, not the speed)")

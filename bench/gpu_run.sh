@@ -49,15 +49,15 @@ import sys
 from pathlib import Path
 from factedge.train.tiny_cache import cached_tiny
 from factedge.convert.bundle import ConvertOptions, convert_checkpoint
-from factedge.edge.session import ChatOptions, VisionChat
+from factedge.edge.vision_model import ModelOptions, VisionModel
 from factedge.edge.sampling import SamplingOptions
 out = Path(sys.argv[1]) / "tiny-q8"
 if not out.exists():
     convert_checkpoint(cached_tiny("llava-rlhf", image_size=224).root, out, ConvertOptions(quants=["Q8_0"], verify=False))
-opts = ChatOptions(n_gpu_layers=-1, mmproj_on_gpu=True, sampling=SamplingOptions(max_tokens=8))
-with VisionChat.open(out, options=opts) as chat:
+opts = ModelOptions(n_gpu_layers=-1, mmproj_on_gpu=True, sampling=SamplingOptions(max_tokens=8))
+with VisionModel.open(out, options=opts) as chat:
     a = chat.ask("What is in the image?", numpy.full((300, 200, 3), 90, numpy.uint8))
-print("GPU VisionChat after numpy+PIL+torch:", len(a.tokens), "tokens; torch.cuda", torch.cuda.is_available())
+print("GPU VisionModel after numpy+PIL+torch:", len(a.tokens), "tokens; torch.cuda", torch.cuda.is_available())
 PY
 log "parity CPU vs GPU (tiny f32 bundle)"
 python3 bench/gpu.py --part tiny --work "$work" > "$work/tiny.log" 2>&1 || tail -5 "$work/tiny.log"

@@ -115,10 +115,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--stalled", type=int, default=8)
     args = parser.parse_args()
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
     bundle = args.bundle or _soak().ensure_bundle(ROOT / ".cache" / "bench" / "soak-bundle")
-    with VisionChat.open(bundle, options=ChatOptions(n_ctx=1024)) as vision:
+    with VisionModel.open(bundle, options=ModelOptions(n_ctx=1024)) as vision:
         burst(vision, args.clients, args.requests)
         stalled(vision, args.stalled)
 

@@ -3,7 +3,7 @@
     export FACTEDGE_NATIVE_DIR=/path/to/factedge/_native   # the patched llama.cpp build
     python bench/soak.py --turns 1000 --max-tokens 2 [--bundle DIR]
 
-One VisionChat and one ChatSession answer `--turns` questions, each with a solid-colour image from a
+One VisionModel and one ChatSession answer `--turns` questions, each with a solid-colour image from a
 palette whose cycle length changes every block of turns, so the embedding LRU both hits (short
 cycles) and misses (long ones). The chat is reset after stretches of varying length, so KV prefix
 reuse is exercised inside a stretch, and n_ctx is small with overflow="drop_oldest", so long
@@ -223,13 +223,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=d.threads)
     parser.add_argument("--bundle", type=Path, default=None, help="a converted bundle (default: tiny llava-hf)")
     args = parser.parse_args()
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
     cache = Path(os.environ.get("FACTEDGE_TEST_CACHE", ROOT / ".cache" / "tests"))
     bundle = args.bundle or ensure_bundle(cache / "soak-bundle")
     opts = SoakOptions(turns=args.turns, max_tokens=args.max_tokens, n_ctx=args.n_ctx, warmup=args.warmup,
                        every=args.every, bound_mib=args.bound_mib, threads=args.threads)
-    with VisionChat.open(bundle, options=ChatOptions(n_ctx=opts.n_ctx, threads=opts.threads)) as vision:
+    with VisionModel.open(bundle, options=ModelOptions(n_ctx=opts.n_ctx, threads=opts.threads)) as vision:
         res = run_soak(vision, opts, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(report(res))
     sys.exit(0 if res.passed else 1)

@@ -24,18 +24,19 @@ from factedge.convert.language_model import write_language_model
 from factedge.convert.layouts import load_checkpoint
 from factedge.convert.lora_gguf import write_lora_adapter
 from factedge.convert.merge import check_targets, merged_lm_tensors, read_adapter
-from factedge.convert.mmproj import FTYPES as MMPROJ_FTYPES
 from factedge.convert.mmproj import write_mmproj
-from factedge.convert.quantize import check_lm_quants, check_mmproj_type, quantize_language_model
+from factedge.convert.quantize import check_lm_quants, quantize_language_model
 from factedge.convert.shapes import lm_shapes
 from factedge.convert.specs import Checkpoint
+from factedge.edge.atomic import write_text
+from factedge.edge.file_types import (MMPROJ_TYPES, adapter_file, base_model_file, lm_base_type, mmproj_file,
+                                      mmproj_type, quant_model_file)
 from factedge.edge.errors import ConfigError, OutputError
 from factedge.edge.manifest import (FINGERPRINT_KEY, LORA_MERGED_KEY, MANIFEST, BundleFile, Fingerprint, Manifest,
-                                    sha256_file, write_atomic)
+                                    sha256_file)
 from factedge.edge.native import native_dir
 
 LORA_MODES = ("merge", "adapter")
-BASE_TYPES = ("f32", "f16", "bf16")
 
 # (step name, done, total) -> None: the CLI turns this into progress bars
 Progress = Callable[[str, int, int], None]
@@ -62,12 +63,13 @@ class ConvertOptions:
     def validated(self) -> "ConvertOptions":
         if self.lora_mode not in LORA_MODES:
             raise ConfigError(f"lora mode must be one of {', '.join(LORA_MODES)}, not {self.lora_mode!r}")
-        if self.base_type not in BASE_TYPES:
-            raise ConfigError(f"base type must be one of {', '.join(BASE_TYPES)}, not {self.base_type!r}")
+        self.base_type = lm_base_type(self.base_type)
         self.quants = check_lm_quants(_names(self.quants))
-        self.mmproj_types = [check_mmproj_type(t) for t in _names(self.mmproj_types)]
+        self.mmproj_types = [mmproj_type(t) for t in _names(self.mmproj_types)]
         if not self.mmproj_types:
-            raise ConfigError(f"at least one mmproj type is needed ({', '.join(MMPROJ_FTYPES)})")
+            raise ConfigError(f"at least one mmproj type is needed ({', '.join(MMPROJ_TYPES)})")
+        if len(set(self.mmproj_types)) != len(self.mmproj_types):
+            raise ConfigError("an mmproj type is listed twice")
         return self
 
     def key(self) -> dict:
@@ -239,7 +241,7 @@ def _convert_into(ckpt: Checkpoint, staging: Path, options: ConvertOptions, repo
     def record(path: Path, role: str, dtype: str) -> None:
         files.append(BundleFile(path.name, role, dtype, sha256_file(path), path.stat().st_size))
 
-    base_name = f"model-{options.base_type}.gguf"
+    base_name = base_model_file(options.base_type)
     tensors = merged_lm_tensors(ckpt, ckpt.adapter_dir) if merged else None  # checks the adapter fits
     if lora and not merged:
         check_targets(read_adapter(ckpt.adapter_dir), "lm", lm_shapes(ckpt.text))  # before any file is written
@@ -249,14 +251,14 @@ def _convert_into(ckpt: Checkpoint, staging: Path, options: ConvertOptions, repo
     record(base, "model", options.base_type.upper())
     for i, quant in enumerate(options.quants):
         report(f"quantize {quant}", i, len(options.quants))
-        path = quantize_language_model(base, staging / f"model-{quant}.gguf", quant, threads=options.threads or None)
+        path = quantize_language_model(base, staging / quant_model_file(quant), quant, threads=options.threads or None)
         record(path, "model", quant)
     if lora and not merged:
-        path = write_lora_adapter(ckpt, staging / "adapter-f32.gguf", ftype="f32", extra_kv=kv,
+        path = write_lora_adapter(ckpt, staging / adapter_file("f32"), ftype="f32", extra_kv=kv,
                                   progress=_step(report, "LoRA adapter"))
         record(path, "adapter", "f32")
     for mm_type in options.mmproj_types:
-        path = write_mmproj(ckpt, staging / f"mmproj-{mm_type}.gguf", ftype=mm_type, extra_kv=kv,
+        path = write_mmproj(ckpt, staging / mmproj_file(mm_type), ftype=mm_type, extra_kv=kv,
                             progress=_step(report, f"mmproj {mm_type}"))
         record(path, "mmproj", mm_type)
     manifest = Manifest(
@@ -267,7 +269,7 @@ def _convert_into(ckpt: Checkpoint, staging: Path, options: ConvertOptions, repo
         lora=("merged" if merged else "adapter") if lora else None,
         options=options.key(),
     )
-    write_atomic(staging / MANIFEST, manifest.to_json())
+    write_text(staging / MANIFEST, manifest.to_json())
     if options.verify:
         from factedge.convert.card import write_card
         from factedge.convert.verify import verify_bundle
@@ -275,7 +277,7 @@ def _convert_into(ckpt: Checkpoint, staging: Path, options: ConvertOptions, repo
         report("verify", 0, 1)
         _, result = verify_bundle(staging, ckpt)
         manifest.fidelity = result.to_dict()
-        write_atomic(staging / MANIFEST, manifest.to_json())
+        write_text(staging / MANIFEST, manifest.to_json())
         write_card(staging, manifest)
         report("verify", 1, 1)
     else:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from factedge.convert.fidelity import DECIDED_MARGIN
-from factedge.edge.manifest import Manifest, write_atomic
+from factedge.edge.atomic import write_text
+from factedge.edge.manifest import Manifest
 
 CARD = "README.md"
 
@@ -61,5 +62,5 @@ def card_text(manifest: Manifest) -> str:
 
 def write_card(bundle: Path, manifest: Manifest) -> Path:
     path = bundle / CARD
-    write_atomic(path, card_text(manifest))
+    write_text(path, card_text(manifest))
     return path

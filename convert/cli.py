@@ -15,7 +15,7 @@ from rich.text import Text
 from factedge.convert.batch import read_batch, run_batch
 from factedge.convert.bundle import ConvertOptions, convert_checkpoint
 from factedge.convert.layouts import load_checkpoint
-from factedge.convert.mmproj import FTYPES as MMPROJ_FTYPES
+from factedge.edge.file_types import MMPROJ_TYPES
 from factedge.edge.errors import ConfigError, FidelityError
 
 console = Console(stderr=True)
@@ -67,7 +67,7 @@ def print_fidelity(fidelity: dict) -> None:
 @click.option("--merge/--adapter", "merge", default=True, help="merge the LoRA into the model, or keep it as a runtime adapter")
 @click.option("--base-type", default="f16", show_default=True, help="unquantized LM type: f32, f16, bf16")
 @click.option("--quant", default="Q4_K_M,Q8_0", show_default=True, help="comma-separated LM quant types")
-@click.option("--mmproj-type", default="f16", show_default=True, help=f"comma-separated: {', '.join(MMPROJ_FTYPES)}")
+@click.option("--mmproj-type", default="f16", show_default=True, help=f"comma-separated: {', '.join(MMPROJ_TYPES)}")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="compare against PyTorch after converting")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
 @click.option("--threads", type=int, default=0, help="threads for quantization (0: all)")

@@ -16,10 +16,8 @@ from factedge.convert.specs import Checkpoint, LazyTensors, TextSpec
 from factedge.convert.tensor_names import LM_TENSORS, gguf_name, is_rope_permuted
 from factedge.convert.vocab import spm_vocab
 from factedge.edge.prompt import VICUNA_JINJA
-from factedge.edge.errors import ConfigError, MismatchError, NumericsError
-
-FTYPES = ("f32", "f16", "bf16")
-
+from factedge.edge.errors import MismatchError, NumericsError
+from factedge.edge.file_types import lm_base_type
 
 def ftype_types(ftype: str):
     """(GGML tensor type for 2-D weights, GGUF general.file_type) of an ftype name."""
@@ -27,9 +25,7 @@ def ftype_types(ftype: str):
     from gguf import LlamaFileType as F
 
     table = {"f32": (Q.F32, F.ALL_F32), "f16": (Q.F16, F.MOSTLY_F16), "bf16": (Q.BF16, F.MOSTLY_BF16)}
-    if ftype not in table:
-        raise ConfigError(f"unknown ftype {ftype!r} (choose {', '.join(FTYPES)})")
-    return table[ftype]
+    return table[lm_base_type(ftype)]
 
 
 def permute_qk(weight, n_head: int):

@@ -30,8 +30,8 @@ from factedge.convert.shapes import projector_shapes, vision_shapes
 from factedge.convert.specs import Checkpoint, VisionSpec
 from factedge.convert.tensor_names import PROJECTOR_TENSORS, VISION_TENSORS, gguf_name
 from factedge.edge.errors import ConfigError, MismatchError, NumericsError
+from factedge.edge.file_types import mmproj_type
 
-FTYPES = ("f32", "f16", "q8_0")
 GGUF_PROJECTOR_TYPE = {"mlp2x_gelu": "mlp", "linear": "linear"}  # LLaVA name -> clip.projector_type
 SKIPPED_VISION = ("post_layernorm.weight", "post_layernorm.bias")  # see module docstring
 _USE_GELU = {"quick_gelu": False, "gelu": True}
@@ -42,9 +42,7 @@ def _types(ftype: str):
     from gguf import LlamaFileType as F
 
     table = {"f32": (Q.F32, F.ALL_F32), "f16": (Q.F16, F.MOSTLY_F16), "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0)}
-    if ftype not in table:
-        raise ConfigError(f"unknown mmproj ftype {ftype!r} (choose {', '.join(FTYPES)})")
-    return table[ftype]
+    return table[mmproj_type(ftype)]
 
 
 def feature_layer_index(vision: VisionSpec) -> int:

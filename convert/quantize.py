@@ -19,33 +19,19 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from factedge.edge.errors import ConfigError, NativeError, OutputError
+from factedge.edge.file_types import lm_quant
 from factedge.edge.native import linked_symbols
-
-# LM quant types offered (llama-quantize names); the first ones are the ones tests cover
-LM_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q5_K_S", "Q4_K_S", "Q5_0", "Q5_1", "Q4_1",
-             "Q3_K_M", "Q3_K_S", "Q3_K_L", "Q2_K", "F16", "BF16", "F32")
-# mmproj types: float types are written directly, q8_0 through ggml
-MMPROJ_TYPES = ("f32", "f16", "q8_0")
 
 
 def check_lm_quants(names: list[str]) -> list[str]:
-    """Normalise and validate quant names before any work is done."""
+    """Normalise and validate quant names (edge.file_types) before any work is done; no repeats."""
     out = []
     for name in names:
-        norm = name.strip().upper()
-        if norm not in LM_QUANTS:
-            raise ConfigError(f"unknown quant type {name!r}; known: {', '.join(LM_QUANTS)}")
+        norm = lm_quant(name)
         if norm in out:
             raise ConfigError(f"quant type {norm} is listed twice")
         out.append(norm)
     return out
-
-
-def check_mmproj_type(name: str) -> str:
-    norm = name.strip().lower()
-    if norm not in MMPROJ_TYPES:
-        raise ConfigError(f"unknown mmproj type {name!r}; known: {', '.join(MMPROJ_TYPES)}")
-    return norm
 
 
 def quantize_command(src: Path, dst: Path, quant: str, threads: int | None = None) -> list[str]:

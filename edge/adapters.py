@@ -15,13 +15,13 @@ from factedge.edge.errors import ConfigError
 from factedge.edge.image import ImageSource
 from factedge.edge.runtime import LoraAdapter
 from factedge.edge.sampling import SamplingOptions
-from factedge.edge.session import Answer
+from factedge.edge.answer import Answer
 
 BASE, ADAPTER = "base", "adapter"
 
 
 def set_adapter(session: ChatSession, scale: float, adapter: LoraAdapter | None = None) -> None:
-    """Apply `adapter` (default: the one the session's VisionChat loaded) at `scale` in [0, 1].
+    """Apply `adapter` (default: the one the session's VisionModel loaded) at `scale` in [0, 1].
 
     Scale 0 removes the adapter from the context altogether, so the answers are exactly the base
     model's (no zero-scaled LoRA matmuls left in the graph)."""

@@ -27,9 +27,9 @@ from factedge.edge.inspect import check_bundle, describe_gguf
 def ask(question, model, image, mmproj, adapter, quant, temperature, top_p, top_k, max_tokens, seed, threads,
         n_gpu_layers, as_json, stats, compare_adapters, adapter_scale):
     """Answer QUESTION about --image with a converted model."""
-    from factedge.edge.session import ChatOptions
+    from factedge.edge.vision_model import ModelOptions
 
-    options = ChatOptions(threads=threads, n_gpu_layers=n_gpu_layers, adapter_scale=adapter_scale,
+    options = ModelOptions(threads=threads, n_gpu_layers=n_gpu_layers, adapter_scale=adapter_scale,
                           sampling=sampling_from(temperature, top_p, top_k, max_tokens, seed))
     with open_vision(model, mmproj, adapter, quant, options) as chat:
         if compare_adapters:

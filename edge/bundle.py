@@ -12,13 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factedge.edge.errors import InputError, MismatchError
+from factedge.edge.file_types import ADAPTER_TYPES, LM_PREFERENCE, MMPROJ_PREFERENCE
 from factedge.edge.file_hashes import check_sha256
 from factedge.edge.inspect import describe_gguf
 from factedge.edge.manifest import LORA_MERGED_KEY, MANIFEST, Manifest, check_pairing, read_manifest
 
-# default preference when no quant is named: small and faithful first
-QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q6_K", "Q4_0", "F16", "BF16", "F32")
-MMPROJ_PREFERENCE = ("f16", "f32", "q8_0")
 
 
 @dataclass
@@ -48,11 +46,11 @@ def open_bundle(path: Path, *, quant: str | None = None, mmproj_type: str | None
     if not (path / MANIFEST).is_file():
         raise InputError("not a factedge bundle (no manifest.json); pass model= and mmproj= instead", path)
     manifest = read_manifest(path)
-    model = _pick(manifest, "model", quant, QUANT_PREFERENCE)
+    model = _pick(manifest, "model", quant, LM_PREFERENCE)
     if model is None:
         raise InputError("bundle lists no model file", path / MANIFEST)
     mmproj = _pick(manifest, "mmproj", mmproj_type, MMPROJ_PREFERENCE)
-    adapter = _pick(manifest, "adapter", None, ("f32", "f16"))
+    adapter = _pick(manifest, "adapter", None, ADAPTER_TYPES)
     files = BundleFiles(path / model.name, path / mmproj.name if mmproj else None,
                         path / adapter.name if adapter else None, manifest, model.dtype)
     check_files(files)

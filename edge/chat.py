@@ -1,4 +1,6 @@
-"""Multi-turn chat over a loaded VisionChat that evaluates only what is new each turn.
+"""The conversation: a context on a loaded VisionModel, the KV reuse, the image cache and the one
+generation loop (`factedge ask`, `chat`, `serve`, adapter comparison, the demo and eval all go
+through it; `VisionModel.ask` is a one-turn ChatSession). Each turn evaluates only what is new.
 
 The KV cache is described position by position (a token id, or an image content hash and row), so a
 new turn keeps the longest common prefix with the freshly rendered prompt and feeds only the rest:
@@ -18,17 +20,20 @@ import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Hashable, Iterator, Sequence
+from typing import TYPE_CHECKING, Hashable, Iterator, Sequence
 
 import numpy as np
 
-from factedge.edge.errors import ConfigError, ContextFullError, FactedgeError, InputError
+from factedge.edge.answer import Answer, TurnStats
+from factedge.edge.errors import ClosedError, ConfigError, ContextFullError, FactedgeError, InputError
 from factedge.edge.image import ImageSource, load_image, prepare_image
 from factedge.edge.prompt import SYSTEM, Conversation, Turn, count_images, prompt_pieces
 from factedge.edge.runtime import Context, ContextOptions, LoraAdapter
 from factedge.edge.sampling import Sampler, SamplingOptions
-from factedge.edge.session import Answer, Stats, VisionChat
 from factedge.edge.text_stream import TextStream
+
+if TYPE_CHECKING:  # the model imports this module for its one-turn ask; only the type comes back
+    from factedge.edge.vision_model import VisionModel
 
 OVERFLOW = ("error", "drop_oldest")
 
@@ -41,7 +46,7 @@ class SessionOptions:
     n_batch: int = 512  # llama.cpp's numerics depend on the batch shape above 32 rows; <= 32 is exact
     overflow: str = "error"  # "error": raise ContextFullError | "drop_oldest": forget whole oldest turns
     image_cache: int = 4  # image embeddings kept (LRU) beyond those the history holds
-    sampling: SamplingOptions | None = None  # None: the VisionChat's sampling options
+    sampling: SamplingOptions | None = None  # None: the VisionModel's sampling options
 
     def check(self) -> "SessionOptions":
         if self.overflow not in OVERFLOW:
@@ -49,15 +54,6 @@ class SessionOptions:
         if self.image_cache < 0 or self.n_ctx < 8:
             raise ConfigError("image_cache must be >= 0 and n_ctx >= 8")
         return self
-
-
-@dataclass
-class TurnStats(Stats):
-    prompt_total: int = 0  # positions of the whole prompt
-    prompt_reused: int = 0  # of them, kept from the KV cache (prompt_tokens were evaluated)
-    images_encoded: int = 0
-    images_reused: int = 0
-    dropped_turns: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,9 +72,9 @@ class ChatTurn:
 
 
 class ChatSession:
-    """A multi-turn LLaVA chat on a VisionChat's model, encoder and adapter, with its own KV cache."""
+    """A multi-turn LLaVA chat on a VisionModel's model, encoder and adapter, with its own KV cache."""
 
-    def __init__(self, vision: VisionChat, options: SessionOptions | None = None):
+    def __init__(self, vision: "VisionModel", options: SessionOptions | None = None):
         self.vision = vision
         self.options = (options or SessionOptions()).check()
         self.model = vision.model
@@ -155,6 +151,8 @@ class ChatSession:
 
         The turn enters the history now; its answer is filled in when the iterator finishes (closed
         early: what was generated so far). A later ask/pop/edit/reset ends an unfinished stream."""
+        if self.closed:
+            raise ClosedError("this chat session is closed")
         sampling = (sampling or self.options.sampling or self.vision.options.sampling).check()
         stats = TurnStats(load_s=self.vision.load_s)
         turn = ChatTurn(text, self._encode_all(_as_list(image), stats), stats=stats)
@@ -329,8 +327,12 @@ class ChatSession:
             if self._epoch == epoch:  # a stale stream does not overwrite the newer turn's answer
                 self.last_answer = Answer(turn.assistant, tokens, stats, reason)
 
+    @property
+    def closed(self) -> bool:
+        return self.ctx.closed
+
     def close(self) -> None:
-        """Free this session's KV cache (the VisionChat's model stays open)."""
+        """Free this session's KV cache (the VisionModel stays open)."""
         self.ctx.close()
 
     def __enter__(self):

@@ -23,11 +23,10 @@ def chat(model, image, mmproj, adapter, quant, adapter_scale, n_ctx, temperature
     """Chat with a converted model about images (/help inside lists the commands)."""
     from factedge.edge.chat import ChatSession, SessionOptions
     from factedge.edge.repl import ChatRepl, ReplOptions
-    from factedge.edge.session import ChatOptions
+    from factedge.edge.vision_model import ModelOptions
 
-    options = ChatOptions(n_ctx=64, threads=threads, n_gpu_layers=n_gpu_layers, adapter_scale=adapter_scale,
-                          sampling=sampling_from(temperature, top_p, top_k, max_tokens, seed))
-    # n_ctx 64: the VisionChat's own context stays unused; the session has its own
+    options = ModelOptions(n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, adapter_scale=adapter_scale,
+                           sampling=sampling_from(temperature, top_p, top_k, max_tokens, seed))
     with open_vision(model, mmproj, adapter, quant, options) as vision, \
             ChatSession(vision, SessionOptions(n_ctx=n_ctx)) as session:
         repl_options = ReplOptions(stats=stats, image=image)

@@ -73,9 +73,9 @@ def sampling_from(temperature: float, top_p: float, top_k: int, max_tokens: int,
 
 
 def open_vision(model: Path, mmproj: Path | None, adapter: Path | None, quant: str | None, options):
-    """A VisionChat over a bundle folder, or over explicit GGUF files when --model is a file."""
-    from factedge.edge.session import VisionChat
+    """A VisionModel over a bundle folder, or over explicit GGUF files when --model is a file."""
+    from factedge.edge.vision_model import VisionModel
 
     bundle = model if model.is_dir() else None
-    return VisionChat.open(bundle, model=None if bundle else model, mmproj=mmproj, adapter=adapter, quant=quant,
+    return VisionModel.open(bundle, model=None if bundle else model, mmproj=mmproj, adapter=adapter, quant=quant,
                            options=options)

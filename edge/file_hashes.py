@@ -12,7 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from factedge.edge.errors import CorruptFileError
+from factedge.edge.atomic import write_json
+from factedge.edge.errors import CorruptFileError, OutputError
 from factedge.edge.manifest import sha256_file
 
 CACHE_FILE = "verified.json"
@@ -37,11 +38,8 @@ def _load(cache: Path) -> dict:
 
 def _store(cache: Path, data: dict) -> None:
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, cache)
-    except OSError:
+        write_json(cache, data, indent=None)
+    except OutputError:
         pass  # a read-only home still verifies, it just hashes again next time
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factedge.edge.errors import CorruptFileError, InputError, MismatchError, OutputError
+from factedge.edge.errors import CorruptFileError, InputError, MismatchError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -113,17 +113,6 @@ def read_manifest(bundle: Path) -> Manifest:
     except (OSError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"cannot read the manifest ({exc})", path) from exc
     return Manifest.from_json(text, path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temp file + rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write: {exc.strerror or exc}", path) from exc
 
 
 def check_pairing(expected: str, found: str | None, path: Path, what: str) -> None:

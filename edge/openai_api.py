@@ -1,4 +1,4 @@
-"""OpenAI / llama-cpp-python shaped chat completions over a loaded VisionChat.
+"""OpenAI / llama-cpp-python shaped chat completions over a loaded VisionModel.
 
 Messages in the shapes clients already send (content as a string or as text / image_url parts; system
 and assistant history) are turned into ChatSession turns, so the prompt comes from the one template in
@@ -19,7 +19,7 @@ from factedge.edge.chat import ChatSession, SessionOptions
 from factedge.edge.errors import InputError
 from factedge.edge.image_access import ImageAccess, RemoteImageError  # noqa: F401 (re-exported: callers catch it)
 from factedge.edge.sampling import SamplingOptions
-from factedge.edge.session import VisionChat
+from factedge.edge.vision_model import VisionModel
 
 ROLES = ("system", "user", "assistant")
 
@@ -31,7 +31,7 @@ class _Turn:
     assistant: str | None = None
 
 
-def model_id(chat: VisionChat) -> str:
+def model_id(chat: VisionModel) -> str:
     """The name clients see: the bundle folder (or the model file when opened from a file)."""
     from factedge.edge.manifest import MANIFEST
 
@@ -100,7 +100,7 @@ def parse_messages(messages: Any, access: ImageAccess = ImageAccess()) -> tuple[
     return ("\n".join(system) if system else None), turns
 
 
-def sampling_options(chat: VisionChat, *, max_tokens=None, temperature=None, top_p=None, top_k=None,
+def sampling_options(chat: VisionModel, *, max_tokens=None, temperature=None, top_p=None, top_k=None,
                      stop=None, seed=None, repeat_penalty=None) -> SamplingOptions:
     """The chat's default sampling with the request's overrides (None: keep the default)."""
     base = chat.options.sampling
@@ -122,7 +122,7 @@ def sampling_options(chat: VisionChat, *, max_tokens=None, temperature=None, top
     ).check()
 
 
-def create_chat_completion(chat: VisionChat, messages: list, *, stream: bool = False, max_tokens: int | None = None,
+def create_chat_completion(chat: VisionModel, messages: list, *, stream: bool = False, max_tokens: int | None = None,
                            temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                            stop: str | list[str] | None = None, seed: int | None = None,
                            repeat_penalty: float | None = None, model: str | None = None,

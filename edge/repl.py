@@ -8,14 +8,12 @@ goes on; Ctrl-C during an answer stops that answer (the part generated stays in 
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
 from factedge.edge.chat import ChatSession
+from factedge.edge.atomic import write_json
 from factedge.edge.errors import FactedgeError
 
 PROMPT, ANSWER = "you> ", "bot> "
@@ -135,9 +133,9 @@ class ChatRepl:
 
     def _save(self, path: Path) -> None:
         try:
-            write_json_atomic(path, self.transcript())
-        except OSError as exc:
-            self._error(f"cannot write {path}: {exc.strerror or exc}")
+            write_json(path, self.transcript())
+        except FactedgeError as exc:
+            self._error(exc.one_line())
         else:
             self._say(f"(saved {len(self.session.turns)} turns to {path})")
 
@@ -193,16 +191,3 @@ def format_stats(s) -> str:
     return (f"(image encode {s.image_encode_s:.2f} s | prompt {s.prompt_tokens} tok {s.prompt_tps:.1f} tok/s | "
             f"generation {s.generated_tokens} tok {s.generate_tps:.1f} tok/s)")
 
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temp file beside `path`, then rename it over: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -34,14 +34,14 @@ def serve(model, mmproj, adapter, quant, host, port, api_key, max_request_bytes,
     """Serve /v1/chat/completions and /v1/models (OpenAI-compatible) for a converted model."""
     from factedge.edge.chat import SessionOptions
     from factedge.edge.server import ChatServer, ServerOptions
-    from factedge.edge.session import ChatOptions
+    from factedge.edge.vision_model import ModelOptions
 
     options = ServerOptions(host=host, port=port, api_key=api_key, max_request_bytes=max_request_bytes,
                             max_queue=max_queue, session=SessionOptions(n_ctx=n_ctx), allow_dirs=tuple(allow_dirs),
                             allowed_hosts=tuple(allowed_hosts), socket_timeout_s=socket_timeout,
                             max_connections=max_connections).check()
     log = (lambda line: click.echo(line, err=True)) if verbose else None
-    with open_vision(model, mmproj, adapter, quant, ChatOptions(n_ctx=n_ctx, threads=threads,
+    with open_vision(model, mmproj, adapter, quant, ModelOptions(n_ctx=n_ctx, threads=threads,
                                                                 n_gpu_layers=n_gpu_layers)) as chat:
         server = ChatServer(chat, options, log=log)
         try:

@@ -1,4 +1,4 @@
-"""A small OpenAI-compatible HTTP server (stdlib only) over one loaded VisionChat.
+"""A small OpenAI-compatible HTTP server (stdlib only) over one loaded VisionModel.
 
 `/v1/models` and `/v1/chat/completions` (JSON or SSE). One generation at a time runs on the model
 (a lock); at most `max_queue` more requests wait, later ones get 429 at once, so no client hangs on an
@@ -30,7 +30,7 @@ from factedge.edge.chat import ChatSession, SessionOptions
 from factedge.edge.errors import ClosedError, ConfigError, FactedgeError, InputError
 from factedge.edge.image_access import ImageAccess
 from factedge.edge.openai_api import create_chat_completion, model_id
-from factedge.edge.session import VisionChat
+from factedge.edge.vision_model import VisionModel
 
 _PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "repeat_penalty")
 _DRAIN_LIMIT = 16 << 20  # an oversized body is read (and dropped) up to this, so the 413 reaches the client
@@ -76,7 +76,7 @@ class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64  # listen backlog: a burst of clients waits for accept() instead of being reset
 
-    def __init__(self, chat: VisionChat, options: ServerOptions | None = None, *, model: str | None = None,
+    def __init__(self, chat: VisionModel, options: ServerOptions | None = None, *, model: str | None = None,
                  log: Callable[[str], None] | None = None):
         self.options = (options or ServerOptions()).check()
         self.chat = chat

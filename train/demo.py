@@ -148,13 +148,13 @@ def answer_items(bundle: Path, items: list[DemoItem], *, quant: str, max_tokens:
     from factedge.edge.adapters import compare_adapters
     from factedge.edge.chat import ChatSession, SessionOptions
     from factedge.edge.sampling import SamplingOptions
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
     greedy = SamplingOptions(temperature=0.0, max_tokens=max_tokens)
-    options = ChatOptions(n_ctx=64, threads=runtime["threads"], n_gpu_layers=runtime["n_gpu_layers"],
-                          mmproj_on_gpu=runtime["n_gpu_layers"] != 0)
+    options = ModelOptions(n_ctx=1024, threads=runtime["threads"], n_gpu_layers=runtime["n_gpu_layers"],
+                           mmproj_on_gpu=runtime["n_gpu_layers"] != 0)
     rows = []
-    with VisionChat.open(bundle, quant=quant, options=options) as vision, \
+    with VisionModel.open(bundle, quant=quant, options=options) as vision, \
             ChatSession(vision, SessionOptions(n_ctx=1024, image_cache=len(items))) as session:
         for k, item in enumerate(items, 1):
             log(f"[{k}/{len(items)}] {item.image.name}: {item.qa.question.splitlines()[0]}")

@@ -14,7 +14,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from factedge.train.world.export import png_bytes, read_scenes, write_bytes
+from factedge.edge.atomic import write_bytes
+from factedge.train.world.export import png_bytes, read_scenes
 from factedge.train.world.questions import QA, make_spec, qa_of
 from factedge.train.world.render import render
 from factedge.train.world.scene import Scene, WorldConfig, derive_seed, scene_for

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from factedge.train.atomic_dir import building_dir
+from factedge.edge.atomic import building_dir
 from factedge.convert.reference import vision_config
 from factedge.edge.errors import OutputError
 from factedge.train import tiny
 from factedge.train.model import LlavaForTraining
-from factedge.train.tensor_files import WeightFormat, save_checkpoint, save_tensors, write_json
+from factedge.train.tensor_files import WeightFormat, save_checkpoint, save_tensors, write_hf_json
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
@@ -57,8 +57,8 @@ def write_vision_tower(model: LlavaForTraining, folder: Path) -> Path:
     save_tensors(folder / "model.safetensors", sd, "safetensors")
     cfg = vision_config(spec).to_dict()
     cfg.update(architectures=["CLIPVisionModel"], model_type="clip_vision_model")
-    write_json(folder / "config.json", {k: v for k, v in cfg.items() if not k.startswith("_")})
-    write_json(folder / "preprocessor_config.json", {
+    write_hf_json(folder / "config.json", {k: v for k, v in cfg.items() if not k.startswith("_")})
+    write_hf_json(folder / "preprocessor_config.json", {
         "crop_size": spec.image_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
         "image_mean": list(spec.image_mean), "image_std": list(spec.image_std), "resample": 3,
         "size": spec.image_size, "feature_extractor_type": "CLIPFeatureExtractor"})
@@ -75,9 +75,9 @@ def write_llava_model(model: LlavaForTraining, out: str | Path, *, dtype: torch.
         if clip_dir is None:
             clip_dir = write_vision_tower(model, out.parent / f"{out.name}-vision-tower")
         save_checkpoint(tmp, llava_state_dict(model, dtype), fmt)
-        write_json(tmp / "config.json", tiny._llava_config(ckpt.text, ckpt.vision, ckpt.projector_type,
+        write_hf_json(tmp / "config.json", tiny._llava_config(ckpt.text, ckpt.vision, ckpt.projector_type,
                                                            Path(clip_dir), dtype))
-        write_json(tmp / "generation_config.json", tiny._generation_config(ckpt.text.pad_token_id, "4.31.0"))
+        write_hf_json(tmp / "generation_config.json", tiny._generation_config(ckpt.text.pad_token_id, "4.31.0"))
         for name in TOKENIZER_FILES:
             src = Path(ckpt.tokenizer_dir) / name
             if src.is_file():

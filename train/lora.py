@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from factedge.train.atomic_dir import building_dir
+from factedge.edge.atomic import building_dir
 from factedge.convert.layouts import check_adapter_dir
 from factedge.edge.errors import ConfigError, MismatchError
 from factedge.train.config import LoraSettings

@@ -25,10 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from factedge.train.atomic_dir import building_dir
+from factedge.edge.atomic import atomic_path, building_dir, write_json
 from factedge.edge.errors import CorruptFileError, InputError, MismatchError, OutputError, UnsafePickleError
 from factedge.train.config import config_to_dict
-from factedge.train.tensor_files import atomic_path, write_json
 
 CHECKPOINTS = "checkpoints"
 _STEP_PREFIX = "step-"
@@ -146,7 +145,8 @@ class RunDir:
     # -- config and metrics --------------------------------------------------------------------
     def write_config(self, cfg: Any) -> None:
         if self.main:
-            write_json(self.path / "config.json", config_to_dict(cfg) if not isinstance(cfg, dict) else cfg)
+            write_json(self.path / "config.json", config_to_dict(cfg) if not isinstance(cfg, dict) else cfg,
+                       sort_keys=True)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Append one line `{"step": step, **metrics}` (a single write, flushed)."""

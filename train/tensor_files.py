@@ -1,20 +1,17 @@
 """Write checkpoint files the way HF / PEFT lay them out, atomically and byte-reproducibly.
 
 Fixtures are cached and shared between test processes, so a file must never be seen half-written:
-everything goes to a temp file in the same folder and is moved into place with os.replace.
+everything goes through `edge.atomic` (a temp file in the same folder, then os.replace).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 
-from factedge.edge.errors import OutputError
+from factedge.edge.atomic import atomic_path, write_json
 
 WeightFormat = Literal["safetensors", "bin"]
 
@@ -25,31 +22,9 @@ _NAMES = {
 }
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path next to `path`; move it onto `path` only if the block succeeds."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write: {exc}", path) from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_bytes(path: Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
-def write_json(path: Path, obj: dict) -> Path:
+def write_hf_json(path: Path, obj: dict) -> Path:
     """JSON the way HF and PEFT write configs and indexes (indent 2, sorted keys, trailing newline)."""
-    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    return write_bytes(path, text.encode("utf-8"))
+    return write_json(path, obj, sort_keys=True)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -97,5 +72,5 @@ def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], fmt: WeightF
         weight_map.update({k: name for k in shard})
     total = sum(_nbytes(t) for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    written.append(write_json(folder / index_name, index))
+    written.append(write_hf_json(folder / index_name, index))
     return written

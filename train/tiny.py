@@ -24,7 +24,8 @@ from factedge.convert.specs import LayoutName, ProjectorType, TextSpec, VisionSp
 from factedge.edge.errors import ConfigError
 from factedge.train import tiny_weights as tw
 from factedge.train.spm_vocab import default_vocab_path, tokenizer_model_bytes
-from factedge.train.tensor_files import WeightFormat, save_checkpoint, save_tensors, write_bytes, write_json
+from factedge.edge.atomic import write_bytes
+from factedge.train.tensor_files import WeightFormat, save_checkpoint, save_tensors, write_hf_json
 
 LLAVA_HF_VOCAB = 32064  # llava-hf pads 32000 + <image> + <pad> up to a multiple of 64
 IMAGE_TOKEN_ID = 32000
@@ -58,7 +59,7 @@ def _write_tokenizer(folder: Path, model_bytes: bytes, hf: bool) -> None:
                    pad_token="<pad>", padding_side="left", processor_class="LlavaProcessor",
                    sp_model_kwargs={}, tokenizer_class="LlamaTokenizer", trust_remote_code=False,
                    unk_token="<unk>", use_default_system_prompt=False)
-        write_json(folder / "added_tokens.json", {"<image>": IMAGE_TOKEN_ID, "<pad>": PAD_TOKEN_ID_HF})
+        write_hf_json(folder / "added_tokens.json", {"<image>": IMAGE_TOKEN_ID, "<pad>": PAD_TOKEN_ID_HF})
         specials = {"bos_token": _special("<s>"), "eos_token": _special("</s>"),
                     "pad_token": _special("<pad>"), "unk_token": _special("<unk>")}
     else:
@@ -68,8 +69,8 @@ def _write_tokenizer(folder: Path, model_bytes: bytes, hf: bool) -> None:
                    unk_token="<unk>")
         specials = {"bos_token": _special("<s>"), "eos_token": _special("</s>"),
                     "pad_token": "<unk>", "unk_token": _special("<unk>")}
-    write_json(folder / "tokenizer_config.json", cfg)
-    write_json(folder / "special_tokens_map.json", specials)
+    write_hf_json(folder / "tokenizer_config.json", cfg)
+    write_hf_json(folder / "special_tokens_map.json", specials)
 
 
 # ---------------------------------------------------------------- configs
@@ -187,7 +188,7 @@ def write_clip(folder: Path, vision: VisionSpec, seed: int) -> Path:
         "num_attention_heads": text.num_heads, "num_hidden_layers": text.num_layers, "pad_token_id": 1,
         "projection_dim": text.projection_dim, "vocab_size": text.vocab_size,
     }
-    write_json(folder / "config.json", {
+    write_hf_json(folder / "config.json", {
         "_name_or_path": f"openai/{clip_folder_name(vision.image_size)}",
         "architectures": ["CLIPModel"],
         "initializer_factor": 1.0,
@@ -199,7 +200,7 @@ def write_clip(folder: Path, vision: VisionSpec, seed: int) -> Path:
         "transformers_version": None,
         "vision_config": _clip_vision_config(vision, text.projection_dim),
     })
-    write_json(folder / "preprocessor_config.json", {
+    write_hf_json(folder / "preprocessor_config.json", {
         "crop_size": vision.image_size,
         "do_center_crop": True,
         "do_normalize": True,
@@ -221,11 +222,11 @@ def _write_llava_hf(out: Path, text: TextSpec, vision: VisionSpec, sharded: bool
     sd.update({f"multi_modal_projector.{hf_names[k[0]]}.{k[2:]}": v for k, v in proj.items()})
     sd.update({f"language_model.{k}": v for k, v in tw.text_weights(text, seed, dtype=torch.float16).items()})
     save_checkpoint(out, _cast(sd, torch.float16), "safetensors", n_shards=2 if sharded else 1)
-    write_json(out / "config.json", _llava_hf_config(text, vision))
-    write_json(out / "generation_config.json", _generation_config(PAD_TOKEN_ID_HF, "4.36.0.dev0"))
+    write_hf_json(out / "config.json", _llava_hf_config(text, vision))
+    write_hf_json(out / "generation_config.json", _generation_config(PAD_TOKEN_ID_HF, "4.36.0.dev0"))
     _write_tokenizer(out, tok, hf=True)
     size = vision.image_size
-    write_json(out / "preprocessor_config.json", {
+    write_hf_json(out / "preprocessor_config.json", {
         "crop_size": {"height": size, "width": size},
         "do_center_crop": True,
         "do_convert_rgb": True,
@@ -240,7 +241,7 @@ def _write_llava_hf(out: Path, text: TextSpec, vision: VisionSpec, sharded: bool
         "rescale_factor": 0.00392156862745098,
         "size": {"shortest_edge": size},
     })
-    write_json(out / "processor_config.json", {
+    write_hf_json(out / "processor_config.json", {
         "image_token": "<image>",
         "num_additional_image_tokens": 1,
         "patch_size": vision.patch_size,
@@ -263,8 +264,8 @@ def _write_llava_model(folder: Path, text: TextSpec, vision: VisionSpec, project
     sd.update({f"model.mm_projector.{k}": v for k, v in proj.items()})
     sd["lm_head.weight"] = head
     save_checkpoint(folder, _cast(sd, dtype), "bin", n_shards=2 if sharded else 1)
-    write_json(folder / "config.json", _llava_config(text, vision, projector, clip_dir, dtype))
-    write_json(folder / "generation_config.json", _generation_config(text.pad_token_id, "4.31.0"))
+    write_hf_json(folder / "config.json", _llava_config(text, vision, projector, clip_dir, dtype))
+    write_hf_json(folder / "generation_config.json", _generation_config(text.pad_token_id, "4.31.0"))
     _write_tokenizer(folder, tok, hf=False)
     return folder
 
@@ -280,7 +281,7 @@ def write_lora_adapter(folder: Path, base_dir: Path, seed: int, fmt: WeightForma
     sd = _cast({f"base_model.model.{k}": v for k, v in tw.lora_weights(text, seed).items()}, torch.bfloat16)
     name = "adapter_model.safetensors" if fmt == "safetensors" else "adapter_model.bin"
     save_tensors(folder / name, sd, fmt)
-    write_json(folder / "adapter_config.json", {
+    write_hf_json(folder / "adapter_config.json", {
         "auto_mapping": None,
         "base_model_name_or_path": str(base_dir.resolve()),
         "bias": "none",

@@ -227,15 +227,15 @@ def test_disk_full_mid_write_leaves_nothing_and_keeps_old_bundle(bundles, tmp_pa
 
 def test_manifest_write_failure_leaves_nothing(bundles, tmp_path, monkeypatch):
     src, _ = bundles("llava-hf")
-    real = Path.write_text
+    real = Path.write_bytes
 
-    def write_text(self, *a, **k):
-        if self.name == f".{MANIFEST}.tmp":
-            real(self, "{", **k)  # a partial write, then the disk is full
+    def write_bytes(self, data):
+        if self.name.startswith(f".{MANIFEST}.tmp-"):  # edge.atomic's temp name for the manifest
+            real(self, b"{")  # a partial write, then the disk is full
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(self, *a, **k)
+        return real(self, data)
 
-    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
     with pytest.raises(OutputError, match=r"manifest.json: cannot write: No space left on device"):
         convert_checkpoint(src, tmp_path / "out", ConvertOptions(**FAST))
     assert _entries(tmp_path) == []

@@ -155,7 +155,7 @@ def test_native_cli_gives_the_python_runtime_text(converted, tmp_path):
 
     from factedge.edge.native import tool
     from factedge.edge.sampling import SamplingOptions
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
     from factedge.edge.native import build_info
 
@@ -171,8 +171,8 @@ def test_native_cli_gives_the_python_runtime_text(converted, tmp_path):
            "-c", "2048", "--no-warmup"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    options = ChatOptions(n_ctx=2048, sampling=SamplingOptions(max_tokens=24))
-    with VisionChat.open(bundle, quant="F32", options=options) as chat:
+    options = ModelOptions(n_ctx=2048, sampling=SamplingOptions(max_tokens=24))
+    with VisionModel.open(bundle, quant="F32", options=options) as chat:
         answer = chat.ask(question, image)
     assert answer.text and len(answer.tokens) >= 8
     assert proc.stdout.strip().endswith(answer.text), (proc.stdout[-500:], answer.text)

@@ -119,7 +119,7 @@ def test_unconvertible_configs_are_config_errors(hf_ckpt, tmp_path):
         ckpt = dataclasses.replace(hf_ckpt, vision=dataclasses.replace(hf_ckpt.vision, **change))
         with pytest.raises(ConfigError):
             write_mmproj(ckpt, tmp_path / "x.gguf")
-    with pytest.raises(ConfigError, match="ftype"):
+    with pytest.raises(ConfigError, match="unknown mmproj type .q4_0."):
         write_mmproj(hf_ckpt, tmp_path / "x.gguf", ftype="q4_0")
     assert not list(tmp_path.iterdir())
 

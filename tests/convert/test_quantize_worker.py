@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from factedge.convert.quantize import LM_QUANTS, quantize_language_model
+from factedge.convert.quantize import quantize_language_model
+from factedge.edge.file_types import LM_QUANTS
 from factedge.edge.errors import NativeError
 
 

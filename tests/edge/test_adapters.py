@@ -26,12 +26,12 @@ def bundle(make_bundle, tiny_llava_rlhf):
 def _open(bundle, with_adapter: bool):
     from factedge.edge.bundle import open_bundle
     from factedge.edge.sampling import SamplingOptions
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
     files = open_bundle(bundle)
     assert files.adapter is not None
-    return VisionChat.open(model=files.model, mmproj=files.mmproj, adapter=files.adapter if with_adapter else None,
-                           options=ChatOptions(n_ctx=64, threads=1, sampling=SamplingOptions(max_tokens=MAX_TOKENS)))
+    return VisionModel.open(model=files.model, mmproj=files.mmproj, adapter=files.adapter if with_adapter else None,
+                           options=ModelOptions(n_ctx=64, threads=1, sampling=SamplingOptions(max_tokens=MAX_TOKENS)))
 
 
 @pytest.fixture(scope="module")

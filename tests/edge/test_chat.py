@@ -26,10 +26,10 @@ def native(native_tools):
 @pytest.fixture(scope="module")
 def vision(make_bundle, tiny_llava_hf):
     from factedge.edge.sampling import SamplingOptions
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
     out = make_bundle(tiny_llava_hf)
-    with VisionChat.open(out, options=ChatOptions(n_ctx=512, threads=1,
+    with VisionModel.open(out, options=ModelOptions(n_ctx=512, threads=1,
                                                   sampling=SamplingOptions(max_tokens=SAMPLING_MAX))) as vc:
         yield vc
 

@@ -28,9 +28,9 @@ def bundle(make_bundle, tiny_llava_rlhf):
 @pytest.fixture(scope="module")
 def vision(bundle):
     from factedge.edge.sampling import SamplingOptions
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
-    with VisionChat.open(bundle, options=ChatOptions(n_ctx=64, threads=1,
+    with VisionModel.open(bundle, options=ModelOptions(n_ctx=64, threads=1,
                                                      sampling=SamplingOptions(max_tokens=MAX_TOKENS))) as vc:
         yield vc
 

@@ -116,9 +116,9 @@ def png_file(tmp_path_factory):
 def test_closed_objects_raise_instead_of_crashing(bundle, png_file):
     from factedge.edge.chat import ChatSession, SessionOptions
     from factedge.edge.sampling import SamplingOptions
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
-    vision = VisionChat.open(bundle, options=ChatOptions(n_ctx=512, sampling=SamplingOptions(max_tokens=2)))
+    vision = VisionModel.open(bundle, options=ModelOptions(n_ctx=512, sampling=SamplingOptions(max_tokens=2)))
     session = ChatSession(vision, SessionOptions(n_ctx=512))
     stream = session.stream("Hello")
     session.close()
@@ -141,7 +141,7 @@ def test_closed_objects_raise_instead_of_crashing(bundle, png_file):
     (dict(adapter_scale=1e30), "adapter scale"), (dict(threads=-3), "n_threads"),
 ])
 def test_bad_runtime_options_are_refused_before_loading(bundle, options, words):
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
     with pytest.raises(ConfigError, match=words):
-        VisionChat.open(bundle, options=ChatOptions(**options))
+        VisionModel.open(bundle, options=ModelOptions(**options))

@@ -73,7 +73,7 @@ def test_each_patch_has_a_header_saying_what_and_why():
 
 
 def test_edge_import_is_torch_free():
-    code = "import factedge.edge, factedge.edge.session, factedge.edge.cli, sys; print('torch' in sys.modules)"
+    code = "import factedge.edge, factedge.edge.vision_model, factedge.edge.cli, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
 

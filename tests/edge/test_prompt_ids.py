@@ -1,4 +1,4 @@
-"""`factedge ask` (VisionChat) and `factedge chat` (ChatSession) tokenise a prompt identically.
+"""`factedge ask` (VisionModel) and `factedge chat` (ChatSession) tokenise a prompt identically.
 
 Before, ask tokenised with special=False and chat with special=True, so a question containing the
 text "</s>" gave different ids (and so different answers) in the two commands. Both now go through
@@ -19,10 +19,10 @@ IMAGE = np.random.default_rng(3).integers(0, 256, (60, 80, 3), dtype=np.uint8)
 @pytest.fixture(scope="module")
 def vision(native_tools, make_bundle, tiny_llava_rlhf):
     from factedge.edge.sampling import SamplingOptions
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
     out = make_bundle(tiny_llava_rlhf, name="tiny-rlhf")
-    with VisionChat.open(out, options=ChatOptions(n_ctx=1024, threads=1,
+    with VisionModel.open(out, options=ModelOptions(n_ctx=1024, threads=1,
                                                   sampling=SamplingOptions(max_tokens=4))) as vc:
         yield vc
 

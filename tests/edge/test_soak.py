@@ -38,11 +38,11 @@ def vision(tmp_path_factory, tiny_llava_hf):
     except NativeError as exc:
         pytest.skip(f"native llama.cpp build not available: {exc.reason}")
     from factedge.convert.bundle import ConvertOptions, convert_checkpoint
-    from factedge.edge.session import ChatOptions, VisionChat
+    from factedge.edge.vision_model import ModelOptions, VisionModel
 
     out = tmp_path_factory.mktemp("soak") / "bundle"
     convert_checkpoint(Path(tiny_llava_hf.root), out, ConvertOptions(quants=["Q8_0"], verify=False))
-    with VisionChat.open(out, options=ChatOptions(n_ctx=1024, threads=1)) as vc:
+    with VisionModel.open(out, options=ModelOptions(n_ctx=1024, threads=1)) as vc:
         yield vc
 
 

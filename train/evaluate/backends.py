@@ -79,18 +79,18 @@ class EdgeOptions:
 
 
 class EdgeBackend:
-    """A bundle (one quant) through VisionChat + ChatSession: image embeddings reused across items."""
+    """A bundle (one quant) through VisionModel + ChatSession: image embeddings reused across items."""
 
     def __init__(self, bundle: Path, quant: str | None = None, *, threads: int = 0, n_gpu_layers: int = 0,
                  options: EdgeOptions | None = None):
         from factedge.edge.chat import ChatSession, SessionOptions
-        from factedge.edge.session import ChatOptions, VisionChat
+        from factedge.edge.vision_model import ModelOptions, VisionModel
 
         self.options = options or EdgeOptions(threads=threads, n_gpu_layers=n_gpu_layers)
         o = self.options
         self.bundle = Path(bundle)
-        self.vision = VisionChat.open(self.bundle, quant=quant,
-                                      options=ChatOptions(n_ctx=o.n_ctx, threads=o.threads, n_gpu_layers=o.n_gpu_layers,
+        self.vision = VisionModel.open(self.bundle, quant=quant,
+                                      options=ModelOptions(n_ctx=o.n_ctx, threads=o.threads, n_gpu_layers=o.n_gpu_layers,
                                                           mmproj_on_gpu=o.n_gpu_layers != 0))
         try:
             self.session = ChatSession(self.vision, SessionOptions(n_ctx=o.n_ctx, n_batch=32 if o.reuse_prefix else 512,

@@ -78,7 +78,7 @@ def _progress() -> Progress:
 
 
 def _finish(document: dict, table, json_out: Path | None) -> None:
-    from factedge.train.evaluate.report import write_json
+    from factedge.edge.atomic import write_json
 
     out = Console()
     if not out.is_terminal:  # a pipe or file: no terminal width to fit, keep the figures whole

@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import Sequence
 
 from factedge.edge.errors import InputError, OutputError
-from factedge.edge.manifest import MANIFEST, BundleFile, read_manifest, sha256_file, write_atomic
+from factedge.edge.atomic import write_json, write_text
+from factedge.edge.file_types import LM_BASE_TYPES, is_unquantized, quant_model_file
+from factedge.edge.manifest import MANIFEST, BundleFile, read_manifest, sha256_file
 from factedge.train.evaluate.backends import EdgeOptions
 from factedge.train.evaluate.judges import CachedJudge, Judge
 from factedge.train.evaluate.mmhal import MMHalOptions, load_mmhal, run_mmhal
 from factedge.train.evaluate.pope import PopeOptions, limit_per_split, load_pope, run_pope
-from factedge.train.evaluate.report import results_document, write_json
+from factedge.train.evaluate.report import results_document
 from factedge.train.evaluate.runner import BackendSpec, Progress, run_all
 
 QUANTS = ("F16", "Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0")
-BASE_TYPES = ("F16", "BF16", "F32")
 WITHIN_POINTS = 1.0  # issue #5: Q8_0 keeps the hallucination rate within 1 point of PyTorch
 
 
@@ -77,14 +78,14 @@ def ensure_quants(bundle: Path, quants: Sequence[str], threads: int = 0) -> list
     missing = [q for q in wanted if q not in have]
     if not missing:
         return []
-    base = next((f for t in BASE_TYPES for f in manifest.by_role("model") if f.dtype.upper() == t), None)
+    base = next((f for t in ("f16", "bf16", "f32") for f in manifest.by_role("model") if f.dtype.lower() == t), None)
     if base is None:
-        raise InputError(f"bundle has no unquantized model file ({', '.join(BASE_TYPES)}) to make "
+        raise InputError(f"bundle has no unquantized model file ({', '.join(LM_BASE_TYPES)}) to make "
                          f"{', '.join(missing)} from", bundle / MANIFEST)
     for quant in missing:
-        path = quantize_language_model(bundle / base.name, bundle / f"model-{quant}.gguf", quant, threads=threads or None)
+        path = quantize_language_model(bundle / base.name, bundle / quant_model_file(quant), quant, threads=threads or None)
         manifest.files.append(BundleFile(path.name, "model", quant, sha256_file(path), path.stat().st_size))
-        write_atomic(bundle / MANIFEST, manifest.to_json())  # after each: a file on disk is always listed
+        write_text(bundle / MANIFEST, manifest.to_json())  # after each: a file on disk is always listed
     return missing
 
 
@@ -183,7 +184,7 @@ def put_section(path: Path, key: str, text: str) -> Path:
         new = head + block + rest.split(end, 1)[1].lstrip("\n")
     else:
         new = old + ("\n" if old and not old.endswith("\n\n") else "") + block
-    write_atomic(path, new)
+    write_text(path, new)
     return path
 
 
@@ -206,7 +207,7 @@ def quant_report(bundle: Path, mmhal: Path, pope: Sequence[Path], judge: Judge,
                  options: QuantReportOptions | None = None, progress: Progress | None = None) -> QuantReport:
     o = options or QuantReportOptions()
     bundle = Path(bundle)
-    ensure_quants(bundle, [q for q in o.quants if q.upper() not in BASE_TYPES], o.threads)
+    ensure_quants(bundle, [q for q in o.quants if not is_unquantized(q)], o.threads)
     items = load_mmhal(mmhal, o.images)
     probes = load_pope(list(pope), o.images)
     specs = ([BackendSpec("torch", Path(o.torch_checkpoint), adapter=o.adapter)] if o.torch_checkpoint else []) + \
@@ -234,7 +235,7 @@ def quant_report(bundle: Path, mmhal: Path, pope: Sequence[Path], judge: Judge,
     section = markdown_section(rows, title=title, judge=cached.name, n_mmhal=n_mmhal, n_pope=n_pope, command=command,
                                plot=plot.name)
     md_path = out / "quant_report.md"
-    write_atomic(md_path, section)
+    write_text(md_path, section)
     if o.card:
         rel = plot.relative_to(bundle) if plot.is_relative_to(bundle) else plot
         put_section(bundle / "README.md", "quant-report", section.replace(f"]({plot.name})", f"]({rel})"))

@@ -7,33 +7,15 @@ figure in a table can always be recomputed from the records.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any, Sequence
 
 from rich.table import Column, Table
 
-from factedge.edge.errors import OutputError
 from factedge.train.evaluate.mmhal import TYPES
 
 SCHEMA_VERSION = 1
 _SHORT = {"attribute": "attr", "adversarial object": "adv", "comparison": "comp", "counting": "count",
           "spatial relation": "rel", "environment": "env", "holistic description": "holist", "other": "other"}
-
-
-def write_json(path: Path, data: Any) -> Path:
-    """JSON through a temp file in the same folder + os.replace: never a half-written results file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write results: {exc.strerror or exc}", path) from exc
-    return path
 
 
 def results_document(benchmark: str, runs: list[dict], **context: Any) -> dict:

@@ -21,10 +21,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from factedge.edge.atomic import write_bytes
 from factedge.edge.errors import ConfigError, InputError
 
 from .claims import Attrs
-from .export import png_bytes, write_bytes, write_json
+from .export import png_bytes, write_world_json
 from .questions import QuestionSpec, make_spec
 from .render import render
 from .scene import Scene, WorldConfig, derive_seed, scene_for
@@ -74,7 +75,7 @@ def _write_images(root: Path, scenes: dict[str, Scene], cfg: WorldConfig) -> tup
     for name, scene in scenes.items():
         write_bytes(images / name, png_bytes(render(scene, cfg.image_size)))
     scenes_path = root / "scenes.json"
-    write_json(scenes_path, {k: s.to_dict() for k, s in scenes.items()})
+    write_world_json(scenes_path, {k: s.to_dict() for k, s in scenes.items()})
     return images, scenes_path
 
 
@@ -103,7 +104,7 @@ def write_shapes_mmhal(out: str | Path, n: int = 96, seed: int = 0, cfg: WorldCo
                       "gt_answer": spec.answer(scene)})
     images, scenes_path = _write_images(root, scenes, cfg)
     path = root / "shapes_mmhal.json"
-    write_json(path, items)
+    write_world_json(path, items)
     return BenchmarkFiles(root, images, scenes_path, path, len(items))
 
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from factedge.edge.errors import CorruptFileError, InputError, OutputError
+from factedge.edge.atomic import write_bytes, write_json
+from factedge.edge.errors import CorruptFileError, InputError
 
 from .describe import captions
 from .hallucinate import PAIR_KINDS, corrupt_answer, corrupt_description, partial_description
@@ -64,21 +64,9 @@ class WorldFiles:
     heldout: "WorldFiles | None" = None
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """Atomic write: a temp file in the same folder, then os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write ({exc.strerror or exc})", path) from exc
-
-
-def write_json(path: Path, obj) -> None:
-    write_bytes(path, (json.dumps(obj, ensure_ascii=False) + "\n").encode())
+def write_world_json(path: Path, obj) -> None:
+    """The world's data files: one compact line of JSON (they are read by programs, and large)."""
+    write_json(path, obj, indent=None)
 
 
 def png_bytes(image) -> bytes:
@@ -217,11 +205,11 @@ def _write_split(root: Path, images_dir: Path, split: str, scenes: list[Scene], 
         ppo += _ppo_items(image, scene, rng, cfg)
     files = WorldFiles(root, images_dir, root / "scenes.json", root / "sft.json", root / "image_to_caption.json",
                        root / "preference.json", root / "ppo_prompts.json", len(scenes))
-    write_json(files.scenes, scene_map)
-    write_json(files.sft, sft)
-    write_json(files.captions, caps)
-    write_json(files.preference, prefs)
-    write_json(files.ppo_prompts, ppo)
+    write_world_json(files.scenes, scene_map)
+    write_world_json(files.sft, sft)
+    write_world_json(files.captions, caps)
+    write_world_json(files.preference, prefs)
+    write_world_json(files.ppo_prompts, ppo)
     files.counts = {"images": len(scenes), "sft": len(sft), "sft_injected": len(injected),
                     "preference": len(prefs), "ppo_prompts": len(ppo),
                     "preference_first_better": sum(p["preference"] == 1 for p in prefs)}
@@ -243,7 +231,7 @@ def write_world(out_dir: str | Path, n_images: int, seed: int = 0, cfg: WorldCon
                                   HELDOUT_ID_BASE, seed, cfg)
     train.heldout = held
     train.manifest = out / "world.json"
-    write_json(train.manifest, {"seed": seed, "n_images": n_images, "n_heldout": n_held, "config": cfg.to_dict(),
+    write_world_json(train.manifest, {"seed": seed, "n_images": n_images, "n_heldout": n_held, "config": cfg.to_dict(),
                                 "image_folder": "images", "counts": {"train": train.counts, "heldout": held.counts},
                                 "sft_injected_ids": inj_train + inj_held})
     return train
