@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from factedge.convert import hparams
+from factedge.convert.projectors import projector
 from factedge.convert.shapes import Shapes, lm_shapes, projector_shapes, vision_shapes
 from factedge.convert.specs import Checkpoint, LayoutName, LazyTensors, ProjectorType, TextSpec, VisionSpec
 from factedge.convert.weights import TensorRef, find_weight_files, index_files, loader
@@ -198,10 +199,7 @@ def _clip(folder: Path, feature_layer: Any, select_feature: str) -> tuple[Vision
 
 
 def _projector_type(cfg: dict[str, Any], cfg_path: Path) -> ProjectorType:
-    kind = cfg.get("mm_projector_type") or "linear"
-    if kind not in ("linear", "mlp2x_gelu"):
-        raise ConfigError(f"mm_projector_type {kind!r} is not supported (linear, mlp2x_gelu)", cfg_path)
-    return kind
+    return projector(cfg.get("mm_projector_type"), cfg_path).name
 
 
 def _tokenizer_files(tok_dir: Path) -> list[Path]:

@@ -27,12 +27,12 @@ from typing import Any
 
 from factedge.convert.gguf_stream import PlannedTensor, Progress, add_provenance, all_finite, to_numpy, write_gguf
 from factedge.convert.shapes import projector_shapes, vision_shapes
+from factedge.convert.projectors import projector
 from factedge.convert.specs import Checkpoint, VisionSpec
 from factedge.convert.tensor_names import PROJECTOR_TENSORS, VISION_TENSORS, gguf_name
 from factedge.edge.errors import ConfigError, MismatchError, NumericsError
 from factedge.edge.file_types import mmproj_type
 
-GGUF_PROJECTOR_TYPE = {"mlp2x_gelu": "mlp", "linear": "linear"}  # LLaVA name -> clip.projector_type
 SKIPPED_VISION = ("post_layernorm.weight", "post_layernorm.bias")  # see module docstring
 _USE_GELU = {"quick_gelu": False, "gelu": True}
 
@@ -62,8 +62,7 @@ def _check_spec(ckpt: Checkpoint) -> None:
     if vision.hidden_act not in _USE_GELU:
         raise ConfigError(f"vision activation {vision.hidden_act!r} not supported by clip.cpp "
                           f"({', '.join(_USE_GELU)})", ckpt.root)
-    if ckpt.projector_type not in GGUF_PROJECTOR_TYPE:
-        raise ConfigError(f"projector type {ckpt.projector_type!r} not supported", ckpt.root)
+    projector(ckpt.projector_type, ckpt.root)  # a ConfigError for a type without a row
     if vision.image_size % vision.patch_size:
         raise ConfigError(f"image size {vision.image_size} is not a multiple of patch {vision.patch_size}", ckpt.root)
     feature_layer_index(vision)
@@ -145,7 +144,7 @@ def _metadata(ckpt: Checkpoint, ftype: str, name: str, extra_kv: dict[str, Any],
         writer.add_description(f"LLaVA image encoder + {ckpt.projector_type} projector (factedge)")
         writer.add_file_type(file_type)
         writer.add_clip_has_vision_encoder(True)
-        writer.add_clip_projector_type(GGUF_PROJECTOR_TYPE[ckpt.projector_type])
+        writer.add_clip_projector_type(projector(ckpt.projector_type).gguf_type)
         writer.add_vision_image_size(vision.image_size)
         writer.add_vision_patch_size(vision.patch_size)
         writer.add_vision_embedding_length(vision.hidden_size)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
+from factedge.convert.projectors import projector
 from factedge.convert.specs import Checkpoint, LazyTensors, TextSpec, VisionSpec
 from factedge.edge.errors import ConfigError, CorruptFileError, InputError, MismatchError, NumericsError
 from factedge.edge.errors import UnsafePickleError
@@ -38,7 +39,7 @@ AdapterMode = Literal["peft", "merged"]
 # `edge.image.load_image` accepts), or precomputed image embeddings (float ndarray [tokens, n_embd]).
 Segment = Union[Sequence[int], ImageSource]
 
-_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def vision_config(spec: VisionSpec) -> CLIPVisionConfig:
@@ -76,12 +77,8 @@ def text_config(spec: TextSpec) -> LlamaConfig:
 
 
 def build_projector(kind: str, vision_hidden: int, text_hidden: int) -> nn.Sequential:
-    """LLaVA's `mm_projector`: indices 0 (and 2) are the Linear layers, as in the canonical names."""
-    if kind == "linear":
-        return nn.Sequential(nn.Linear(vision_hidden, text_hidden))
-    if kind == "mlp2x_gelu":
-        return nn.Sequential(nn.Linear(vision_hidden, text_hidden), nn.GELU(), nn.Linear(text_hidden, text_hidden))
-    raise ConfigError(f"unknown projector type {kind!r}")
+    """LLaVA's `mm_projector` from its row in convert.projectors (the canonical Sequential indices)."""
+    return projector(kind).build_torch(vision_hidden, text_hidden)
 
 
 @contextlib.contextmanager
@@ -279,6 +276,6 @@ class TorchLlava:
             tokens.append(token)
             if (stop_at_eos and token == self.ckpt.text.eos_token_id) or len(tokens) == n_tokens:
                 break
-            cache = getattr(out, _CACHE_KW)
-            out = self.lm(input_ids=torch.tensor([[token]]), use_cache=True, **{_CACHE_KW: cache})
+            cache = getattr(out, CACHE_KW)
+            out = self.lm(input_ids=torch.tensor([[token]]), use_cache=True, **{CACHE_KW: cache})
         return tokens

@@ -7,6 +7,7 @@ truncated shard is caught before converting), the GGUF writers take tensor order
 
 from __future__ import annotations
 
+from factedge.convert.projectors import projector
 from factedge.convert.specs import ProjectorType, TextSpec, VisionSpec
 
 Shapes = dict[str, tuple[int, ...]]  # canonical name -> torch shape, in canonical write order
@@ -65,8 +66,5 @@ def vision_shapes(vision: VisionSpec) -> Shapes:
 
 
 def projector_shapes(projector_type: ProjectorType, vision_hidden: int, text_hidden: int) -> Shapes:
-    """LLaVA projector: Linear(vision->text) [+ GELU + Linear(text->text) for mlp2x_gelu]."""
-    shapes: Shapes = {"0.weight": (text_hidden, vision_hidden), "0.bias": (text_hidden,)}
-    if projector_type == "mlp2x_gelu":
-        shapes.update({"2.weight": (text_hidden, text_hidden), "2.bias": (text_hidden,)})
-    return shapes
+    """LLaVA projector (convert.projectors' row): Linear(vision->text) [+ GELU + Linear(text->text)]."""
+    return projector(projector_type).shapes(vision_hidden, text_hidden)

@@ -21,7 +21,8 @@ from factedge.convert.specs import Checkpoint
 from factedge.edge.image import ImageSource, load_image, prepare_image
 from factedge.edge.manifest import Manifest, read_manifest
 from factedge.edge.prompt import single_turn, split_at_images
-from factedge.edge.runtime import Context, ContextOptions, ImageEncoder, LoraAdapter, Model
+from factedge.edge.image_encoder import ImageEncoder
+from factedge.edge.runtime import Context, ContextOptions, LoraAdapter, Model
 
 # promised figures, by file dtype (others are reported, not enforced). F32 must be exact up to float
 # rounding: missing that is a converter or runtime bug. Quantized files are reported: their top-1

@@ -19,10 +19,10 @@ from factedge.edge.errors import FactedgeError
 LAZY_COMMANDS = {
     "ask": "factedge.edge.ask_cli:ask",
     "chat": "factedge.edge.chat_cli:chat",
-    "convert": "factedge.convert.cli:convert",
+    "convert": "factedge.convert.convert_cli:convert",
     "inspect": "factedge.edge.ask_cli:inspect",
-    "verify": "factedge.convert.cli:verify",
-    "demo": "factedge.train.demo_cli:demo",
+    "verify": "factedge.convert.convert_cli:verify",
+    "demo": "factedge.train.demo.demo_cli:demo",
     "serve": "factedge.edge.serve_cli:serve",
     "train": "factedge.train.train_cli:train",
     "data": "factedge.train.world.data_cli:data",

@@ -232,10 +232,10 @@ def normalize(arr: np.ndarray, mean, std) -> np.ndarray:
         for c in range(arr.shape[2]):
             np.take(table[c], arr[:, :, c], out=out[c])
         return out
-    return _normalize_arithmetic(arr, mean, std)
+    return normalize_arithmetic(arr, mean, std)
 
 
-def _normalize_arithmetic(arr: np.ndarray, mean, std) -> np.ndarray:
+def normalize_arithmetic(arr: np.ndarray, mean, std) -> np.ndarray:
     scaled = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
     mean32 = np.asarray(mean, dtype=np.float32)
     std32 = np.asarray(std, dtype=np.float32)
@@ -244,6 +244,6 @@ def _normalize_arithmetic(arr: np.ndarray, mean, std) -> np.ndarray:
 
 @lru_cache(maxsize=8)
 def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """float32 [channels, 256]: `_normalize_arithmetic` of every uint8 value, per channel."""
+    """float32 [channels, 256]: `normalize_arithmetic` of every uint8 value, per channel."""
     values = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, len(mean)))
-    return np.ascontiguousarray(_normalize_arithmetic(values[None], mean, std)[:, 0, :])
+    return np.ascontiguousarray(normalize_arithmetic(values[None], mean, std)[:, 0, :])

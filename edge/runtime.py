@@ -1,4 +1,5 @@
-"""Owned handles over the patched llama.cpp: model, context, LoRA adapter, image encoder.
+"""Owned handles over the patched llama.cpp: model, context, LoRA adapter (the image encoder, over
+libmtmd, is edge/image_encoder.py on the same base).
 
 Each class checks every native pointer it gets, raises a typed error naming the file, and frees what
 it owns (explicitly through `close()` or a `with` block; `__del__` as a last resort). Everything above
@@ -51,14 +52,14 @@ def native_log_tail(n: int = 8) -> str:
     return " | ".join(line.strip() for line in list(_LOG_TAIL)[-n:] if line.strip())
 
 
-def _require_file(path: Path, what: str) -> Path:
+def require_file(path: Path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} not found", path)
     return path
 
 
-class _Owned:
+class OwnedHandle:
     """Base for objects that own one native pointer and free it exactly once; a closed one raises
     ClosedError on use (a freed pointer handed to C would be a crash, not an error)."""
 
@@ -75,7 +76,7 @@ class _Owned:
             part._live()
         return self._ptr
 
-    def _depends_on(self) -> tuple["_Owned", ...]:
+    def _depends_on(self) -> tuple["OwnedHandle", ...]:
         return ()
 
     @property
@@ -100,11 +101,11 @@ class _Owned:
             pass
 
 
-class Model(_Owned):
+class Model(OwnedHandle):
     """A llama.cpp language model (GGUF), memory-mapped."""
 
     def __init__(self, path: Path, *, n_gpu_layers: int = 0, vocab_only: bool = False):
-        self.path = _require_file(path, "model GGUF")
+        self.path = require_file(path, "model GGUF")
         preflight(self.path, "vocab" if vocab_only else "model")
         params = _llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
@@ -155,11 +156,11 @@ class Model(_Owned):
         return bool(_llama.llama_vocab_is_eog(self.vocab, token))
 
 
-class LoraAdapter(_Owned):
+class LoraAdapter(OwnedHandle):
     """A GGUF LoRA adapter loaded against one base model (applied per context with a scale)."""
 
     def __init__(self, model: Model, path: Path):
-        self.path = _require_file(path, "LoRA adapter GGUF")
+        self.path = require_file(path, "LoRA adapter GGUF")
         preflight(self.path, "adapter")
         self.model = model
         ptr = _llama.llama_adapter_lora_init(model.ptr, str(self.path).encode())
@@ -207,7 +208,7 @@ class ContextOptions:
 MIN_CTX, MAX_CTX = 16, 1 << 24  # a prompt needs a few positions; past 16 Mi the KV size overflows int32 math
 
 
-class Context(_Owned):
+class Context(OwnedHandle):
     """A decoding context over a Model: feeds tokens and image embeddings, returns logits."""
 
     def __init__(self, model: Model, options: ContextOptions | None = None):
@@ -361,63 +362,3 @@ class Context(_Owned):
             out.append(tok)
             logits = self._decode([tok], None, False)[-1]
         return out
-
-
-class ImageEncoder(_Owned):
-    """The CLIP encoder + projector of an mmproj GGUF, through libmtmd."""
-
-    def __init__(self, mmproj: Path, model: Model, *, use_gpu: bool = False, n_threads: int = 0,
-                 flash_attn: bool | None = None):
-        self.path = _require_file(mmproj, "mmproj GGUF")
-        preflight(self.path, "mmproj")
-        model._live()
-        params = _mtmd.mtmd_context_params_default()
-        params.use_gpu = use_gpu
-        params.print_timings = False
-        params.warmup = False
-        if flash_attn is not None:  # None: llama.cpp decides; False for exact parity checks
-            params.flash_attn_type = int(flash_attn)
-        if n_threads > 0:
-            params.n_threads = n_threads
-        ptr = _mtmd.mtmd_init_from_file(str(self.path).encode(), model.ptr, params)
-        if not ptr:
-            raise InputError(f"llama.cpp cannot load this mmproj with {model.path.name} ({native_log_tail()})", self.path)
-        self._ptr = ptr
-        self.model = model
-
-    def _free(self) -> None:
-        _mtmd.mtmd_free(self._ptr)
-
-    def _depends_on(self):
-        return (self.model,)
-
-    def encode(self, rgb: np.ndarray) -> np.ndarray:
-        """Embeddings [n_tokens, n_embd] of one RGB uint8 image (already prepared to model size)."""
-        self._live()
-        rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-        if rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise InputError(f"expected an HxWx3 uint8 image, got shape {rgb.shape}")
-        h, w = rgb.shape[:2]
-        data = rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-        bitmap = _mtmd.mtmd_bitmap_init(w, h, data)
-        chunks = _mtmd.mtmd_input_chunks_init()
-        try:
-            marker = _mtmd.mtmd_default_marker()
-            text = _mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
-            bitmaps = (_mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            rc = _mtmd.mtmd_tokenize(self._ptr, chunks, ctypes.byref(text), bitmaps, 1)
-            if rc != 0:
-                raise NativeError(f"mtmd_tokenize failed with {rc} ({native_log_tail()})", self.path)
-            for i in range(_mtmd.mtmd_input_chunks_size(chunks)):
-                chunk = _mtmd.mtmd_input_chunks_get(chunks, i)
-                if _mtmd.mtmd_input_chunk_get_type(chunk) != _mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                    continue
-                n_tok = _mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                if _mtmd.mtmd_encode_chunk(self._ptr, chunk) != 0:
-                    raise NativeError(f"image encoding failed ({native_log_tail()})", self.path)
-                ptr = _mtmd.mtmd_get_output_embd(self._ptr)
-                return np.ctypeslib.as_array(ptr, shape=(n_tok * self.model.n_embd,)).reshape(n_tok, -1).copy()
-            raise NativeError("mtmd produced no image chunk", self.path)
-        finally:
-            _mtmd.mtmd_input_chunks_free(chunks)
-            _mtmd.mtmd_bitmap_free(bitmap)

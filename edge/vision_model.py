@@ -18,7 +18,8 @@ from factedge.edge.bundle import BundleFiles, check_files, open_bundle
 from factedge.edge.errors import ConfigError
 from factedge.edge.image import ImageSource
 from factedge.edge.prompt import prompt_pieces, single_turn
-from factedge.edge.runtime import ContextOptions, ImageEncoder, LoraAdapter, Model
+from factedge.edge.image_encoder import ImageEncoder
+from factedge.edge.runtime import ContextOptions, LoraAdapter, Model
 from factedge.edge.sampling import SamplingOptions
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from PIL import Image
 from factedge.convert.bundle import ConvertOptions, convert_checkpoint
 from factedge.convert.verify import sample_images
-from factedge.train.tiny_cache import cached_tiny
+from factedge.train.base.tiny_cache import cached_tiny
 tiny = cached_tiny("llava-rlhf", image_size=224)
 convert_checkpoint(tiny.root, Path(sys.argv[1]), ConvertOptions(quants=["Q8_0"], verify=False))
 Image.fromarray(sample_images(224)[0][1]).save(sys.argv[2])

@@ -1,6 +1,6 @@
 """Shared tiny checkpoints for every wing's tests.
 
-Each fixture returns a `factedge.train.tiny_cache.TinyCheckpoint` (fields: layout, root, model_dir,
+Each fixture returns a `factedge.train.base.tiny_cache.TinyCheckpoint` (fields: layout, root, model_dir,
 clip_dir, adapter_dir, image_size, projector, seed; `Path(ckpt)` is `ckpt.root`). Builds are cached
 under $FACTEDGE_TEST_CACHE (default /work/main/.cache/tests) keyed by the builder's source, so a
 rerun reuses them. The LLaMA vocab comes from the native build (`factedge.edge.native.spm_vocab()`)
@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from factedge.train.tiny_cache import TinyCheckpoint, cached_tiny
+from factedge.train.base.tiny_cache import TinyCheckpoint, cached_tiny
 
 
 @pytest.fixture(scope="session")

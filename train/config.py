@@ -50,18 +50,29 @@ class LoraSettings:
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
 
+SCHEDULERS = ("cosine", "constant_with_warmup", "linear", "constant")
+
+
 @dataclass
-class OptimSettings:
-    """AdamW + schedule + batch shape. `batch_size` is the global batch per optimizer step; it is
-    reached with `micro_batch_size` per process and gradient accumulation."""
+class AdamWSettings:
+    """What every optimiser of the recipe shares: AdamW and a transformers schedule. An offline
+    stage (SFT, RM, DPO) adds its epochs and batch shape (OptimSettings); the RL loop, whose steps
+    are rollouts, adds a warmup in steps (train.rl.config.RLOptim)."""
 
     lr: float = 2e-5
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    scheduler: str = "cosine"  # cosine | constant_with_warmup | linear
-    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"  # one of SCHEDULERS
     max_grad_norm: float = 1.0
+
+
+@dataclass
+class OptimSettings(AdamWSettings):
+    """AdamW + schedule + batch shape. `batch_size` is the global batch per optimizer step; it is
+    reached with `micro_batch_size` per process and gradient accumulation."""
+
+    warmup_ratio: float = 0.03
     epochs: float = 3.0
     max_steps: int = 0  # > 0: stop after this many optimizer steps (overrides epochs)
     batch_size: int = 128
@@ -97,26 +108,6 @@ class SFTConfig:
     save_dtype: str = "bfloat16"  # full-FT output weights (LLaVA-RLHF ships bf16)
     optim: OptimSettings = field(default_factory=OptimSettings)
     run: RunSettings = field(default_factory=lambda: RunSettings(out="runs/sft"))
-
-
-@dataclass
-class RMConfig:
-    """The fact-augmented reward model (stage 4): LoRA + Linear(hidden, 1) head, Bradley-Terry."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: str = ""  # LLaVA-Human-Preference-10K-format JSON
-    facts: str | None = None  # image_to_caption.json (image key -> list of facts)
-    image_folder: str | None = None
-    use_facts: bool = True  # fact-augmented prompt (False: the same prompt without the fact lines)
-    eval_data: str | None = None  # held-out pairs file; None: the last `eval_size` pairs of `data`
-    eval_size: int = 500
-    eval_every: int = 50  # optimizer steps between held-out accuracy evaluations (0: only at the end)
-    centering_coef: float = 1e-3  # the 1e-3 * |mean(r1 + r2)| term
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    max_length: int = 1280
-    optim: OptimSettings = field(default_factory=lambda: OptimSettings(
-        lr=2e-5, scheduler="constant_with_warmup", epochs=1.0, batch_size=32))
-    run: RunSettings = field(default_factory=lambda: RunSettings(out="runs/rm"))
 
 
 # ---------------------------------------------------------------- loading

@@ -20,9 +20,10 @@ from typing import Sequence
 import torch
 
 from factedge.train.conversation import encode_prompt
-from factedge.train.sampling import sample
+from factedge.train.rl.generate import sample
 from factedge.train.world.export import read_scenes
-from factedge.train.world.judge import judge, judge_choice, judge_yes_no
+from factedge.train.world.answers import judge_choice, judge_yes_no
+from factedge.train.world.judge import judge
 
 
 def heldout_items(split_root: str | Path, limit: int = 0) -> list[dict]:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from factedge.edge.errors import ConfigError
-from factedge.train.config import OptimSettings, RunSettings
+from factedge.train.config import SCHEDULERS, AdamWSettings, OptimSettings, RunSettings
 
 # (step done, total steps, metrics of that step) -> None; the CLI draws a progress bar from it
 Progress = Callable[[int, int, dict[str, Any]], None]
@@ -63,7 +63,7 @@ def micro_batches(indices: Sequence[int], size: int) -> list[list[int]]:
     return [list(indices[i:i + size]) for i in range(0, len(indices), size)]
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimSettings) -> torch.optim.AdamW:
+def make_optimizer(params: Iterable[torch.nn.Parameter], optim: AdamWSettings) -> torch.optim.AdamW:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: no parameter requires a gradient")
@@ -73,14 +73,18 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimSettings) -
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSettings, total_steps: int):
-    """transformers' schedules (cosine / constant_with_warmup / linear) with warmup = ratio * steps."""
+def make_scheduler(optimizer: torch.optim.Optimizer, optim: AdamWSettings, total_steps: int, warmup_steps: int):
+    """The one schedule maker: transformers' schedules (SCHEDULERS) over `total_steps` optimizer steps.
+    Offline stages pass warmup = ceil(warmup_ratio * steps) (`offline_warmup`), the RL loop its steps."""
     from transformers import get_scheduler
 
-    if optim.scheduler not in ("cosine", "constant_with_warmup", "linear", "constant"):
-        raise ConfigError(f"unknown scheduler {optim.scheduler!r} (cosine, constant_with_warmup, linear, constant)")
-    warmup = math.ceil(optim.warmup_ratio * total_steps)
-    return get_scheduler(optim.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    if optim.scheduler not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {optim.scheduler!r} ({', '.join(SCHEDULERS)})")
+    return get_scheduler(optim.scheduler, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def offline_warmup(optim: OptimSettings, total_steps: int) -> int:
+    return math.ceil(optim.warmup_ratio * total_steps)
 
 
 def make_accelerator(run: RunSettings):
@@ -193,7 +197,7 @@ def prepare_fit(accel, run, model: torch.nn.Module, optim: OptimSettings, settin
     with accelerate. Returns (Fit, first step to run)."""
     plan = Plan.make(n_samples, optim)
     optimizer = make_optimizer(params if params is not None else model.parameters(), optim)
-    scheduler = make_scheduler(optimizer, optim, plan.total_steps)
+    scheduler = make_scheduler(optimizer, optim, plan.total_steps, offline_warmup(optim, plan.total_steps))
     start = 0
     latest = run.latest_checkpoint() if settings.resume else None
     if latest is not None:

@@ -20,7 +20,7 @@ ViT, whose first layer is *pretrained on the world* (`vision_pretrain.py`, the s
 pretraining) before the LLaVA stages, which keep it frozen. With a random tower the tiny LM learnt the
 language but not the image (answer loss with the right image == with a shuffled one, even after
 thousands of fresh images on an H100); with the pretrained tower, 600 SFT steps on 2 CPU cores give a
-held-out answer loss of 0.216 with the right image vs 0.668 with a shuffled one (bench/image_use.py).
+held-out answer loss of 0.216 with the right image vs 0.668 with a shuffled one (bench/probes/image_use.py).
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ import torch
 from factedge.convert.layouts import RLHF_ADAPTER_DIR, RLHF_SFT_DIR, resolve_vision_tower
 from factedge.convert.specs import TextSpec, VisionSpec
 from factedge.edge.errors import ConfigError, OutputError
-from factedge.train.base_model import BaseSpec, cached_base
-from factedge.train.config import LoraSettings, ModelConfig, OptimSettings, RMConfig, RunSettings, SFTConfig
-from factedge.train.reward_model import RM_DIR
-from factedge.train.rl_config import PPOConfig, RewardSettings, RLOptim, RolloutSettings
-from factedge.train.vision_pretrain import VisionPretrain
+from factedge.train.base.base_model import BaseSpec, cached_base
+from factedge.train.config import LoraSettings, ModelConfig, OptimSettings, RunSettings, SFTConfig
+from factedge.train.rm.config import RMConfig
+from factedge.train.rm.model import RM_DIR
+from factedge.train.rl.config import PPOConfig, RewardSettings, RLOptim, RolloutSettings
+from factedge.train.base.vision_pretrain import VisionPretrain
 from factedge.train.world.scene import WorldConfig
 
 Log = Callable[[str], None]
@@ -143,7 +144,7 @@ def source_hash() -> str:
 
 def _shapes_weights(rel: Path) -> bool:
     name = rel.name
-    return not ("evaluate" in rel.parts or name.startswith("demo") or name.endswith("_cli.py")
+    return not ("evaluate" in rel.parts or "demo" in rel.parts or name.endswith("_cli.py")
                 or name in ("heldout_eval.py", "tiny_cache.py"))
 
 
@@ -211,10 +212,10 @@ def run_recipe(cfg: RecipeConfig, cache_dir: str | Path, progress: StageProgress
     sft_out = _timed("sft", lambda: _sft(cfg, world, base, work, progress), log, timings)
     metrics["sft"] = _throughput(_run_metrics(work / "runs" / "sft"), timings["sft"], _sft_samples(world, cfg))
     metrics["sft"]["final"] = _last(work / "runs" / "sft")
-    rm_out = _timed("rm", lambda: _rm(cfg, world, sft_out, work, "rm", True, progress), log, timings)
+    rm_out = _timed("rm", lambda: train_rm_stage(cfg, world, sft_out, work, "rm", True, progress), log, timings)
     metrics["rm"] = _last(work / "runs" / "rm") | {"seconds": timings["rm"]}
     if cfg.plain_rm:
-        _timed("rm_plain", lambda: _rm(cfg, world, sft_out, work, "rm_plain", False, progress), log, timings)
+        _timed("rm_plain", lambda: train_rm_stage(cfg, world, sft_out, work, "rm_plain", False, progress), log, timings)
         metrics["rm_plain"] = _last(work / "runs" / "rm_plain") | {"seconds": timings["rm_plain"]}
     ppo_out = _timed("ppo", lambda: _ppo(cfg, world, sft_out, rm_out, work, progress), log, timings)
     rows = _run_metrics(work / "runs" / "ppo")
@@ -287,8 +288,8 @@ def _sft(cfg: RecipeConfig, world, base: Path, work: Path, progress) -> Path:
     return Path(train_sft(c, _stage_progress(progress, "sft")).output)
 
 
-def _rm(cfg: RecipeConfig, world, sft: Path, work: Path, name: str, facts: bool, progress) -> Path:
-    from factedge.train.rm import train_rm
+def train_rm_stage(cfg: RecipeConfig, world, sft: Path, work: Path, name: str, facts: bool, progress) -> Path:
+    from factedge.train.rm.trainer import train_rm
 
     facts_file = work / "facts_all.json"  # train + held-out captions: the held-out pairs need theirs
     if not facts_file.is_file():
@@ -301,7 +302,7 @@ def _rm(cfg: RecipeConfig, world, sft: Path, work: Path, name: str, facts: bool,
 
 
 def _ppo(cfg: RecipeConfig, world, sft: Path, rm: Path, work: Path, progress) -> Path:
-    from factedge.train.ppo import train_ppo
+    from factedge.train.rl.ppo import train_ppo
 
     reward = dataclasses.replace(cfg.ppo.reward, adapter=str(rm), facts=str(world.captions))
     c = dataclasses.replace(cfg.ppo, model=_model_cfg(cfg.ppo.model, sft), data=str(world.ppo_prompts),

@@ -28,7 +28,7 @@ from factedge.edge.errors import ConfigError, InputError
 from factedge.train.config import SFTConfig, torch_dtype
 from factedge.train.conversation import encode_conversation, truncate
 from factedge.train.data import image_folder, image_path, read_items
-from factedge.train.export import projector_state, write_llava_model
+from factedge.train.save_llava import projector_state, write_llava_model
 from factedge.train.lora import add_lora, save_lora
 from factedge.train.loop import Progress, fit, make_accelerator, prepare_fit
 from factedge.train.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaForTraining, load_from_config

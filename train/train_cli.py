@@ -19,11 +19,11 @@ import click
 # command -> (config class, trainer, fixed overrides)
 STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "sft": ("factedge.train.config:SFTConfig", "factedge.train.sft:train_sft", ()),
-    "rm": ("factedge.train.config:RMConfig", "factedge.train.rm:train_rm", ()),
-    "ppo": ("factedge.train.rl_config:PPOConfig", "factedge.train.ppo:train_ppo", ()),
-    "grpo": ("factedge.train.rl_config:GroupRLConfig", "factedge.train.group_rl:train_group_rl",
+    "rm": ("factedge.train.rm.config:RMConfig", "factedge.train.rm.trainer:train_rm", ()),
+    "ppo": ("factedge.train.rl.config:PPOConfig", "factedge.train.rl.ppo:train_ppo", ()),
+    "grpo": ("factedge.train.rl.config:GroupRLConfig", "factedge.train.rl.group_rl:train_group_rl",
              ("--estimator", "grpo")),
-    "rloo": ("factedge.train.rl_config:GroupRLConfig", "factedge.train.group_rl:train_group_rl",
+    "rloo": ("factedge.train.rl.config:GroupRLConfig", "factedge.train.rl.group_rl:train_group_rl",
              ("--estimator", "rloo")),
 }
 HELP = {

@@ -20,7 +20,8 @@ from factedge.convert.mmproj import write_mmproj
 from factedge.convert.reference import TorchLlava
 from factedge.convert.verify import VerifyOptions, sample_images, verify_bundle
 from factedge.edge.image import prepare_image
-from factedge.edge.runtime import ImageEncoder, Model
+from factedge.edge.image_encoder import ImageEncoder
+from factedge.edge.runtime import Model
 
 LAYOUTS = ["tiny_llava_hf", "tiny_llava", "tiny_llava_rlhf"]
 OPTIONS = dict(base_type="f32", quants=["Q8_0", "Q4_K_M"], mmproj_types=["f32", "f16", "q8_0"], verify=False)

@@ -20,7 +20,7 @@ from factedge.edge.errors import (
     MismatchError,
     UnsafePickleError,
 )
-from factedge.train import tiny_weights as tw
+from factedge.train.base import tiny_weights as tw
 
 
 def _materialise(lazy) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import gguf
 
 from factedge.convert.shapes import lm_shapes, projector_shapes, vision_shapes
 from factedge.convert.tensor_names import LM_TENSORS, PROJECTOR_TENSORS, VISION_TENSORS, gguf_name, is_rope_permuted
-from factedge.train.tiny_weights import tiny_text, tiny_vision
+from factedge.train.base.tiny_weights import tiny_text, tiny_vision
 
 
 def _base(name: str) -> str:

@@ -59,7 +59,8 @@ def test_a_model_and_an_mmproj_load_whatever_was_imported_first(make_bundle, tin
     bundle = make_bundle(tiny_llava_rlhf, name="tiny-rlhf", quants=[], mmproj_types=["f16"])
     code = (f"{FIRST_IMPORTS[first]}\n"
             "import sys, numpy as np\n"
-            "from factedge.edge.runtime import Model, ImageEncoder, Context, ContextOptions\n"
+            "from factedge.edge.runtime import Model, Context, ContextOptions\n"
+            "from factedge.edge.image_encoder import ImageEncoder\n"
             "m = Model(sys.argv[1]); e = ImageEncoder(sys.argv[2], m)\n"
             "emb = e.encode(np.full((224, 224, 3), 120, np.uint8))\n"
             "c = Context(m, ContextOptions(n_ctx=512)); logits = c.feed([[1, 2, 3], emb])\n"

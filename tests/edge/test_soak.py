@@ -1,7 +1,7 @@
 """Soak in small (issue #3): 60 image turns in one session, every turn's embedding is its own image's,
 cache hits, misses, resets, KV reuse and drop_oldest all happen, and RSS stays flat after warm-up.
 
-Runs the loop of bench/soak.py (loaded from its file path). Needs the patched native build.
+Runs the loop of bench/speed/soak.py (loaded from its file path). Needs the patched native build.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from factedge.edge.errors import NativeError
 
-SOAK_PY = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
+SOAK_PY = Path(__file__).resolve().parents[2] / "bench" / "speed" / "soak.py"
 
 
 def _load_soak():

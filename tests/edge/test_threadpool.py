@@ -1,6 +1,6 @@
 """The persistent ggml thread pool every Context attaches (edge/threadpool.py).
 
-It exists for speed only (bench/edge_speed.py: decode 0.89x llama-mtmd-cli without it, 1.02x with),
+It exists for speed only (bench/speed/edge_speed.py: decode 0.89x llama-mtmd-cli without it, 1.02x with),
 so what is tested is that it changes nothing else: the same logits and greedy tokens as ggml's
 per-graph threads, and a clean life cycle.
 """

@@ -16,7 +16,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def small_base() -> Path:
-    from factedge.train.base_model import cached_base, small_spec
+    from factedge.train.base.base_model import cached_base, small_spec
 
     return cached_base(small_spec())
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from factedge.edge.errors import ConfigError, CorruptFileError
-from factedge.train.config import LORA_TARGETS, RMConfig, SFTConfig, load_config, parse_overrides
+from factedge.train.config import LORA_TARGETS, SFTConfig, load_config, parse_overrides
+from factedge.train.rm.config import RMConfig
 
 
 def test_defaults_are_the_papers():

@@ -182,7 +182,7 @@ class TorchBackend:
     def answer(self, image: Path, question: str, max_tokens: int) -> Generation:
         import torch
 
-        from factedge.convert.reference import _CACHE_KW
+        from factedge.convert.reference import CACHE_KW
 
         g = Generation("", [], "length")
         segments = self._segments(image, question, g)
@@ -202,7 +202,7 @@ class TorchBackend:
                 if len(g.tokens) == max_tokens:
                     break
                 out = self.ref.lm(input_ids=torch.tensor([[token]]), use_cache=True,
-                                  **{_CACHE_KW: getattr(out, _CACHE_KW)})
+                                  **{CACHE_KW: getattr(out, CACHE_KW)})
             g.generate_s = time.perf_counter() - start
         g.text = self.tokenizer.decode(g.tokens, skip_special_tokens=True).strip()
         self._speed.add(g)

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from factedge.edge.progress import step_bars
 from factedge.train.evaluate.backends import EdgeOptions
 
-console = Console(stderr=True)
 
 
 def _split(value: str | None) -> list[str]:
@@ -62,21 +61,6 @@ def _model_options(func):
     return wrapper
 
 
-class _Bars:
-    def __init__(self, progress: Progress):
-        self.progress, self.tasks = progress, {}
-
-    def __call__(self, label: str, done: int, total: int) -> None:
-        if label not in self.tasks:
-            self.tasks[label] = self.progress.add_task(label, total=max(total, 1))
-        self.progress.update(self.tasks[label], completed=done, total=max(total, 1))
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description:<32}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
-
-
 def _finish(document: dict, table, json_out: Path | None) -> None:
     from factedge.edge.atomic import write_json
 
@@ -119,8 +103,8 @@ def mmhal(data, judge_spec, judge_model, judge_key_env, scenes, specs, edge, ima
     if prompt_suffix is not None:
         options.prompt_suffix = prompt_suffix
     n = len(items) if limit is None else min(limit, len(items))
-    with _progress() as progress:
-        runs = run_all(specs, edge, lambda b, p: run_mmhal(b, items, judge, options, p), n, _Bars(progress))
+    with step_bars(transient=True) as progress:
+        runs = run_all(specs, edge, lambda b, p: run_mmhal(b, items, judge, options, p), n, progress)
     document = results_document("mmhal", runs, data=str(data), judge=judge.name, judge_calls=judge.calls,
                                 options=vars(options))
     _finish(document, mmhal_table(runs, f"MMHal ({n} items, judge {judge.name})"), json_out)
@@ -142,8 +126,8 @@ def pope(data, specs, edge, images, limit, max_tokens, prompt_suffix, json_out):
     if prompt_suffix is not None:
         options.prompt_suffix = prompt_suffix
     n = len(limit_per_split(items, limit))
-    with _progress() as progress:
-        runs = run_all(specs, edge, lambda b, p: run_pope(b, items, options, p), n, _Bars(progress))
+    with step_bars(transient=True) as progress:
+        runs = run_all(specs, edge, lambda b, p: run_pope(b, items, options, p), n, progress)
     document = results_document("pope", runs, data=[str(d) for d in data], options=vars(options))
     _finish(document, pope_table(runs, f"POPE ({n} items)"), json_out)
 
@@ -162,7 +146,7 @@ def pope(data, specs, edge, images, limit, max_tokens, prompt_suffix, json_out):
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the figures to this JSON file")
 def fidelity(model, src, images, vision_tower, lora, quant, limit, question, n_greedy, threads, json_out):
     """Embedding cosine, top-1 agreement, KL and greedy tokens vs PyTorch, on a folder of your images."""
-    from factedge.train.evaluate.fidelity import FidelityOptions, folder_fidelity
+    from factedge.train.evaluate.image_fidelity import FidelityOptions, folder_fidelity
     from factedge.train.evaluate.report import fidelity_table
 
     options = FidelityOptions(question=question, n_greedy=n_greedy, limit=limit, quant=quant, threads=threads)
@@ -201,7 +185,7 @@ def quant_report_cmd(model, mmhal_data, pope_data, torch_checkpoint, adapter, qu
                                  out=out, benchmarks=benchmarks, card=card, mmhal_max_tokens=mmhal_max_tokens,
                                  pope_max_tokens=pope_max_tokens)
     judge = make_judge(judge_spec, OpenAIJudgeOptions(model=judge_model))
-    with _progress() as progress:
-        report = quant_report(model, mmhal_data, list(pope_data), judge, options, _Bars(progress))
+    with step_bars(transient=True) as progress:
+        report = quant_report(model, mmhal_data, list(pope_data), judge, options, progress)
     click.echo(report.markdown)
     click.echo(f"wrote {report.json_path}, {report.markdown_path}, {report.plot_path}", err=True)

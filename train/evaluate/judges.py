@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from factedge.edge.errors import ConfigError, FactedgeError, InputError
-from factedge.train.evaluate.mmhal import HALLUCINATION_BELOW, MMHalItem
+from factedge.train.evaluate.mmhal_items import HALLUCINATION_BELOW, MMHalItem
 
 
 @dataclass

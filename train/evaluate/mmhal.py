@@ -11,50 +11,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from factedge.convert.hparams import read_json
 from factedge.edge.errors import InputError
 from factedge.train.evaluate.backends import Backend
 from factedge.train.evaluate.data import read_records, resolve_image
-
-if TYPE_CHECKING:
-    from factedge.train.evaluate.judges import Judge
-
-TYPES = ("attribute", "adversarial object", "comparison", "counting", "spatial relation", "environment",
-         "holistic description", "other")
-# the short names MMHal-Bench's json uses, and other spellings seen in the wild
-_ALIASES = {"adversarial": "adversarial object", "relation": "spatial relation", "spatial": "spatial relation",
-            "holistic": "holistic description", "description": "holistic description", "count": "counting",
-            "attributes": "attribute", "comparison": "comparison", "environment": "environment", "other": "other"}
-HALLUCINATION_BELOW = 3
-
-
-@dataclass(frozen=True)
-class MMHalItem:
-    index: int
-    question: str
-    image: Path
-    image_content: Any  # list of object labels (real MMHal) or whatever the file holds
-    gt_answer: str
-    question_type: str
-    scene: dict | None = None  # a shapes-world scene, when the benchmark came from `factedge data`
-    source: Path | None = None
-
-
-def normalize_type(value: Any, index: int) -> str:
-    """One of TYPES: the item's own type when recognisable, else MMHal's index order (i % 8)."""
-    if isinstance(value, str):
-        v = value.strip().lower().replace("_", " ")
-        if v in TYPES:
-            return v
-        if v in _ALIASES:
-            return _ALIASES[v]
-        first = v.split(" ")[0] if v else ""
-        if first in _ALIASES:
-            return _ALIASES[first]
-    return TYPES[index % len(TYPES)]
-
+from factedge.train.evaluate.judges import Judge
+from factedge.train.evaluate.mmhal_items import HALLUCINATION_BELOW, TYPES, MMHalItem, normalize_type  # noqa: F401
 
 def _scenes_near(path: Path, scenes: Path | None) -> dict[str, dict]:
     """scenes.json (image id -> scene dict), from --scenes (required) or beside the benchmark, if present."""

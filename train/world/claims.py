@@ -138,7 +138,7 @@ class _NP:
     ambiguous: bool
 
 
-def _np_at_head(t: list[str], h: int, floor: int = 0) -> _NP | None:
+def np_at_head(t: list[str], h: int, floor: int = 0) -> _NP | None:
     head = plural_head(t[h])
     if head is None:
         return None
@@ -178,7 +178,7 @@ def _np_forward(t: list[str], k: int) -> _NP | None:
     while m < len(t) and (t[m] in SIZE_WORDS or t[m] in COLOUR_WORDS or t[m] in ADVERBS):
         m += 1
     if m < len(t) and plural_head(t[m]) is not None:
-        return _np_at_head(t, m, floor=k)
+        return np_at_head(t, m, floor=k)
     return None
 
 
@@ -305,7 +305,7 @@ def extract_claims(text: str) -> list[Claim]:
         for h in range(len(t)):
             if h in consumed or t[h] not in HEAD_FORMS:
                 continue
-            np = _np_at_head(t, h)
+            np = np_at_head(t, h)
             if np is None or np.ambiguous:
                 continue
             span = " ".join(t[np.start:np.head + 1])

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from .claims import Position
 from .describe import Description, Mention, description_of
 from .judge import judge
-from .questions import _OPPOSITE, _REL_PHRASE, QuestionSpec
+from .questions import OPPOSITE, REL_PHRASE, QuestionSpec
 from .scene import GRID, POSITION_NAMES, Obj, Scene, WorldConfig
 
 DESCRIPTION_KINDS = ("extra_object", "wrong_color", "wrong_shape", "wrong_count", "wrong_size", "wrong_position")
@@ -172,11 +172,11 @@ def _flip_yes_no(scene: Scene, spec: QuestionSpec, rng: random.Random, cfg: Worl
         empty = [c for c in POSITION_NAMES if c not in {o.cell for o in scene.objects}] or list(POSITION_NAMES)
         fake = Mention(rng.choice(cfg.sizes), spec.attrs.color, spec.attrs.shape, rng.choice(empty))
         return f"Yes. There is {fake.text()}."
-    flipped = replace(spec, rel=_OPPOSITE[spec.rel])
+    flipped = replace(spec, rel=OPPOSITE[spec.rel])
     y = spec.other.words()
     if spec.value(scene) == "yes":
-        return f"No. The {x} is {_REL_PHRASE[flipped.rel]} the {y}."
-    return f"Yes. The {x} is {_REL_PHRASE[spec.rel]} the {y}."
+        return f"No. The {x} is {REL_PHRASE[flipped.rel]} the {y}."
+    return f"Yes. The {x} is {REL_PHRASE[spec.rel]} the {y}."
 
 
 def corrupt_answer(scene: Scene, spec: QuestionSpec, rng: random.Random, cfg: WorldConfig | None = None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .claims import Attrs, Claim, extract_claims, tokens
+from .questions import parse_question
 from .scene import Scene, above, left_of
 
 
@@ -90,8 +91,6 @@ def _informative_description(scene: Scene, claims: list[Claim], covered: set[int
 
 def judge(scene: Scene, text: str | None, question: str | None = None) -> Verdict:
     """Check `text` (a model's answer) against `scene`; `question` lets short answers ("B", "No.") count."""
-    from .questions import parse_question  # questions imports judge's helpers
-
     text = text or ""
     claims = extract_claims(text)
     results = [(c, *check_claim(scene, c)) for c in claims]
@@ -120,35 +119,3 @@ def judge(scene: Scene, text: str | None, question: str | None = None) -> Verdic
     hallucinated = bool(halluc)
     score = (2 if info >= 2 else info) if hallucinated else 3 + info
     return Verdict([c.text for c in claims], halluc, hallucinated, score, info, answered, len(covered), true)
-
-
-def parse_yes_no(text: str | None) -> str | None:
-    """POPE's rule: "no" if the first sentence has no/not, else "yes"; None for empty text."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    first = text.split(".")[0]
-    words = set(tokens(first))
-    return "no" if words & {"no", "not"} else "yes"
-
-
-def judge_yes_no(text: str | None, truth: str) -> bool:
-    """Is the yes/no answer right? (`truth`: "yes"/"no", any case, trailing "." allowed.)"""
-    return parse_yes_no(text) == truth.strip().rstrip(".").lower()
-
-
-def parse_choice(text: str | None, letters: str = "ABCDEFGH") -> str | None:
-    """The option letter an answer starts with ("B", "B.", "(B) ...", "Answer: B"), or None."""
-    t = (text or "").strip()
-    for prefix in ("answer:", "the answer is", "option"):
-        if t.lower().startswith(prefix):
-            t = t[len(prefix):].strip()
-    t = t.lstrip("(").strip()
-    if t and t[0] in letters and (len(t) == 1 or not t[1].isalpha()):
-        return t[:1]
-    return None
-
-
-def judge_choice(text: str | None, truth: str) -> bool:
-    """Does the answer start with the right letter (LLaVA-RLHF's multiple-choice check)?"""
-    return parse_choice(text) == truth.strip().rstrip(".").upper()[:1]

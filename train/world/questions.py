@@ -13,16 +13,17 @@ import random
 import re
 from dataclasses import dataclass, replace
 
-from .claims import (COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, Attrs, _np_at_head, extract_claims,
+from .claims import (COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, Attrs, np_at_head, extract_claims,
                      first_number, first_word, position_in, tokens)
+from .answers import parse_choice, parse_yes_no
 from .describe import Mention, article, count_phrase, describe, position_phrase
 from .scene import POSITION_NAMES, Obj, Scene, WorldConfig, above, left_of
 
 DESCRIBE_PROMPTS = ("Describe the image briefly.", "What is in the image?", "Describe the shapes in the image.")
 MC_SUFFIX = "Answer with the option's letter."
 LETTERS = "ABCDEFGH"
-_REL_PHRASE = {"left_of": "to the left of", "right_of": "to the right of", "above": "above", "below": "below"}
-_OPPOSITE = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
+REL_PHRASE = {"left_of": "to the left of", "right_of": "to the right of", "above": "above", "below": "below"}
+OPPOSITE = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
 _REL_TEST = {"left_of": lambda a, b: left_of(a, b), "right_of": lambda a, b: left_of(b, a),
              "above": lambda a, b: above(a, b), "below": lambda a, b: above(b, a)}
 TYPES = ("yes_no", "multiple_choice", "open", "describe")
@@ -73,7 +74,7 @@ class QuestionSpec:
         if t == "exists":
             return f"Is there {article(np_text(a))} {np_text(a)} in the image?"
         if t == "relation":
-            return f"Is the {np_text(a)} {_REL_PHRASE[self.rel]} the {np_text(self.other)}?"
+            return f"Is the {np_text(a)} {REL_PHRASE[self.rel]} the {np_text(self.other)}?"
         if t == "position":
             return f"Where is the {np_text(a)}?"
         if t == "compare":
@@ -159,11 +160,11 @@ class QuestionSpec:
         if t == "relation":
             x, y = np_text(a), np_text(self.other)
             if v == "yes":
-                return f"Yes. The {x} is {_REL_PHRASE[self.rel]} the {y}."
-            flipped = replace(self, rel=_OPPOSITE[self.rel])
+                return f"Yes. The {x} is {REL_PHRASE[self.rel]} the {y}."
+            flipped = replace(self, rel=OPPOSITE[self.rel])
             if flipped.value(scene) == "yes":
-                return f"No. The {x} is {_REL_PHRASE[flipped.rel]} the {y}."
-            return f"No. The {x} is not {_REL_PHRASE[self.rel]} the {y}."
+                return f"No. The {x} is {REL_PHRASE[flipped.rel]} the {y}."
+            return f"No. The {x} is not {REL_PHRASE[self.rel]} the {y}."
         if t == "compare":
             return "They are the same size." if v == "same" else f"The {v} is {self.rel}."
         if t == "at_position":
@@ -174,8 +175,6 @@ class QuestionSpec:
 
     def check(self, scene: Scene, text: str) -> bool | None:
         """Is the direct answer in `text` right? None when `text` gives none."""
-        from .judge import parse_choice, parse_yes_no
-
         v = self.value(scene)
         if self.options:
             got = parse_choice(text, LETTERS[:len(self.options)])
@@ -223,7 +222,7 @@ def _attrs(phrase: str) -> Attrs | None:
     t = tokens(phrase)
     if not t:
         return None
-    np = _np_at_head(t, len(t) - 1)
+    np = np_at_head(t, len(t) - 1)
     return None if np is None or np.ambiguous or np.start != 0 and t[0] not in ("the", "a", "an") else np.attrs
 
 
