@@ -16,7 +16,7 @@ import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 tops = {n.split("/")[0] for n in names if not n.startswith("factedge-")}
 assert tops == {"factedge"}, f"wheel installs more than factedge/: {sorted(tops)}"
-for must in ("factedge/edge/session.py", "factedge/convert/bundle.py", "factedge/train/tiny.py",
+for must in ("factedge/edge/vision_model.py", "factedge/convert/bundle.py", "factedge/train/base/tiny.py",
              "factedge/_native/bin/llama-quantize", "factedge/_native/bin/llama-mtmd-cli",
              "factedge/_native/share/build_info.json"):
     assert must in names, f"wheel lacks {must}"
