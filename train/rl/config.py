@@ -33,6 +33,8 @@ class RewardSettings:
     """The frozen reward model and the shaping around it (RM + stop, length, correctness, KL)."""
 
     adapter: str = ""  # RM folder: PEFT LoRA + reward_head.safetensors (rm_lora_adapter_model/)
+    source: str = "rm"  # rm: the reward model scores | oracle: the world's judge against scenes (rl/oracle.py)
+    scenes: str | None = None  # scenes.json, for source oracle
     facts: str | None = None  # image_to_caption.json; None: the plain reward prompt
     use_facts: bool = True
     penalty_no_eos: float = -8.0

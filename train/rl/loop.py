@@ -32,6 +32,7 @@ from factedge.train.lora import save_lora
 from factedge.train.loop import Progress, make_optimizer, make_scheduler, micro_batches
 from factedge.train.rl.config import RLBase
 from factedge.train.rl.data import batch_indices, load_prompts, steps_for
+from factedge.train.rl.oracle import check_reward_source
 from factedge.train.rl.rollout import Rollout, collect, log_rollout, prompt_fits, rollout_stats
 from factedge.train.run_dir import RunDir, RunResult, seed_everything
 
@@ -127,6 +128,7 @@ def run_rl(cfg: RLBase, algo: Algorithm, progress: Progress | None = None, *,
         torch.set_num_threads(cfg.run.num_threads)
     run = RunDir(cfg.run.out, keep=cfg.run.keep_checkpoints)
     seed_everything(cfg.run.seed)
+    check_reward_source(cfg.reward)
     ac = ActorCritic.build(cfg, value=algo.uses_value, value_adapter=value_adapter)
     items = load_items(ac, cfg)
     k = algo.samples_per_prompt

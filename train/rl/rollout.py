@@ -30,6 +30,7 @@ from factedge.train.rm.prompt import encode_reward_input
 from factedge.train.rl.config import RLBase
 from factedge.train.rl.data import PromptItem
 from factedge.train.rl.maths import RewardParts, correctness, terminal_reward, token_kl
+from factedge.train.rl.oracle import oracle_scores
 from factedge.train.rl.generate import sample
 
 
@@ -125,6 +126,9 @@ def collect(ac: ActorCritic, items: Sequence[PromptItem], cfg: RLBase, *, with_v
             cols["val"].append(ac.values(batch))
         texts = [tok.decode(t, skip_special_tokens=True).strip() for t in s.tokens]
         cols["text"] += texts
+        if cfg.reward.source == "oracle":  # the ceiling: the scene's truth instead of the RM (rl/oracle.py)
+            cols["score"].append(oracle_scores([items[i] for i in chunk], texts, cfg.reward.scenes))
+            continue
         rm_ids = reward_inputs(ac, [items[i] for i in chunk], texts, use_facts=cfg.reward.use_facts,
                                seed=cfg.run.seed, step=step)
         cols["score"].append(ac.rewards(rm_ids, [items[i].image for i in chunk]))

@@ -186,3 +186,24 @@ def test_group_rl_trains_the_policy(rl_inputs, tmp_path, estimator):
     assert sum(not torch.equal(adapter[k], initial[k]) for k in adapter) == len(adapter)
     saved = load_file(str(res.run_dir / "checkpoints" / "step-1" / "trainable.safetensors"))
     assert saved and all(".policy." in k for k in saved)  # no value model in group methods
+
+
+def test_ppo_with_the_oracle_reward_trains_on_the_judges_scores(rl_inputs, tmp_path):
+    """reward.source oracle: the rollout's RM-score term is the judge's rating of the response against
+    the true scene, minus 3 (train.rl.oracle); the run trains and logs it like any PPO run."""
+    from factedge.train.rl.config import PPOConfig
+    from factedge.train.rl.ppo import train_ppo
+    from factedge.train.world.export import read_scenes
+    from factedge.train.world.judge import judge
+
+    cfg = make_cfg(PPOConfig, rl_inputs, tmp_path / "run", "--reward.source", "oracle",
+                   "--reward.scenes", str(rl_inputs.world / "scenes.json"), "--max_steps", "1")
+    result = train_ppo(cfg)
+    scenes = read_scenes(rl_inputs.world / "scenes.json")
+    rows = [json.loads(line) for line in (result.run_dir / "rollouts" / "step-1.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    for row in rows:
+        scene = scenes[Path(row["image"]).name]
+        want = judge(scene, row["response"], row["prompt"].replace("<image>", "").strip()).score - 3.0
+        assert row["reward"]["rm_score"] == pytest.approx(want)
+    assert (result.output / "rlhf_lora_adapter_model" / "adapter_model.safetensors").is_file()

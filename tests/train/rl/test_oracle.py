@@ -1,0 +1,33 @@
+"""The oracle reward source: the world's judge against the true scene replaces the RM's score, and a
+PPO run with it trains and logs those scores (the ceiling measurement of issue #16)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from factedge.edge.errors import ConfigError
+from factedge.train.rl.config import RewardSettings
+from factedge.train.rl.data import PromptItem
+from factedge.train.rl.oracle import CENTRE, check_reward_source, oracle_scores
+from factedge.train.world.judge import judge
+from factedge.train.world.scene import BACKGROUNDS, Obj, Scene
+
+
+def test_scores_are_the_judges_rating_centred(tmp_path):
+    scene = Scene((Obj("circle", "red", "large", 0.2, 0.2),), BACKGROUNDS[0])
+    (tmp_path / "scenes.json").write_text(json.dumps({"0000001.png": scene.to_dict()}))
+    item = PromptItem("a", Path("imgs/0000001.png"), "<image>\nDescribe the image.", "describe", None, 1.0, None)
+    texts = ["There is a large red circle at the top left.", "There is a small blue square at the bottom right."]
+    got = oracle_scores([item, item], texts, tmp_path / "scenes.json")
+    want = [judge(scene, t, "Describe the image.").score - CENTRE for t in texts]
+    assert got.tolist() == want and got[0] > 0 > got[1]
+
+
+def test_the_source_is_checked():
+    check_reward_source(RewardSettings())
+    with pytest.raises(ConfigError, match="needs reward.scenes"):
+        check_reward_source(RewardSettings(source="oracle"))
+    with pytest.raises(ConfigError, match="reward.source must be one of rm, oracle"):
+        check_reward_source(RewardSettings(source="human"))
