@@ -8,6 +8,11 @@ recipe's own policy) and PPO + oracle, judged: hallucination rate, coverage of t
 mean score, claim precision, yes/no and multiple-choice accuracy, answer length.
 
     python -m bench.probes.oracle_ceiling RECIPE_DIR [--scale cpu] [--seed 0] [--limit 0] [--json OUT]
+        [--override reward.whiten_rewards=true --override optim.lr=1e-4 ...] [--only-new]
+
+`--override` changes the oracle run's PPO config (dotted keys, typed like `factedge train ppo`'s), to
+see which optimisation change lets a perfect reward move the policy; `--only-new` skips re-evaluating
+SFT and the recipe's own policy.
 """
 
 from __future__ import annotations
@@ -26,8 +31,12 @@ ROWS = [("hallucination rate", "hallucination_rate"), ("objects covered (all ans
         ("multiple-choice accuracy", "multiple_choice_accuracy"), ("mean answer tokens", "mean_tokens")]
 
 
-def train_oracle_policy(recipe: Path, scale: str, seed: int, out: Path) -> tuple[Path, float]:
+def train_oracle_policy(recipe: Path, scale: str, seed: int, out: Path,
+                        overrides: list[str]) -> tuple[Path, float]:
+    from factedge.edge.atomic import write_json
+    from factedge.train.config import config_to_dict, load_config
     from factedge.train.recipe import recipe_preset
+    from factedge.train.rl.config import PPOConfig
     from factedge.train.rl.ppo import train_ppo
 
     root, world = recipe / "LLaVA-RLHF-shapes", recipe / "world"
@@ -38,6 +47,9 @@ def train_oracle_policy(recipe: Path, scale: str, seed: int, out: Path) -> tuple
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base=str(root / "sft_model")),
                               data=str(world / "ppo_prompts.json"), reward=reward,
                               run=dataclasses.replace(cfg.run, out=str(out)))
+    if overrides:
+        base = write_json(out.parent / f"{out.name}.config.json", config_to_dict(cfg))
+        cfg = load_config(PPOConfig, base, [f"--{o}" for o in overrides])
     t0 = time.perf_counter()
     result = train_ppo(cfg)
     return Path(result.output) / "rlhf_lora_adapter_model", time.perf_counter() - t0
@@ -66,15 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path(".cache/oracle_ceiling"))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--override", action="append", default=[], help="PPO config key=value for the oracle run")
+    ap.add_argument("--only-new", action="store_true", help="evaluate only the new oracle policy")
     args = ap.parse_args(argv)
     ensure_factedge()
     from factedge.train.recipe import recipe_preset
 
-    policy, seconds = train_oracle_policy(args.recipe, args.scale, args.seed, args.work / f"ppo-oracle-{args.seed}")
-    policies = {"SFT": None, "PPO + fact RM": args.recipe / "LLaVA-RLHF-shapes" / "rlhf_lora_adapter_model",
-                "PPO + oracle": policy}
+    tag = "-".join(o.replace("=", "_") for o in args.override) or "default"
+    policy, seconds = train_oracle_policy(args.recipe, args.scale, args.seed,
+                                          args.work / f"ppo-oracle-{args.seed}-{tag}", args.override)
+    policies = {} if args.only_new else {
+        "SFT": None, "PPO + fact RM": args.recipe / "LLaVA-RLHF-shapes" / "rlhf_lora_adapter_model"}
+    policies[f"PPO + oracle ({tag})"] = policy
     res = evaluate(args.recipe, policies, args.limit, recipe_preset(args.scale, args.seed).ppo.rollout.max_new_tokens)
-    print(f"oracle PPO trained in {seconds:.0f} s; held-out {res['SFT'].get('n', '?')} answers\n")
+    print(f"oracle PPO trained in {seconds:.0f} s; held-out {next(iter(res.values())).get('n', '?')} answers\n")
     print("| figure | " + " | ".join(res) + " |")
     print("|---|" + "---:|" * len(res))
     for label, key in ROWS:
