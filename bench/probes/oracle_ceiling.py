@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                                           args.work / f"ppo-oracle-{args.seed}-{tag}", args.override)
     policies = {} if args.only_new else {
         "SFT": None, "PPO + fact RM": args.recipe / "LLaVA-RLHF-shapes" / "rlhf_lora_adapter_model"}
-    policies[f"PPO + oracle ({tag})"] = policy
+    source = next((o.split("=", 1)[1] for o in args.override if o.startswith("reward.source=")), "oracle")
+    policies[f"PPO + {'fact RM' if source == 'rm' else 'oracle'} ({tag})"] = policy
     res = evaluate(args.recipe, policies, args.limit, recipe_preset(args.scale, args.seed).ppo.rollout.max_new_tokens)
     print(f"oracle PPO trained in {seconds:.0f} s; held-out {next(iter(res.values())).get('n', '?')} answers\n")
     print("| figure | " + " | ".join(res) + " |")
