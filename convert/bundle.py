@@ -1,7 +1,7 @@
 """`factedge convert`: one checkpoint -> a bundle folder (LM GGUFs, mmproj, adapter, manifest, card).
 
-Everything is written into a staging folder `<out>.partial-<random>/` that this run creates (never
-one that existed before) and renamed to `<out>` only when complete, so an interrupted or failed
+Everything is written into a staging folder `.<out>.partial-<pid>-<random>/` that this run creates
+(edge.atomic.temp_sibling: never one that existed before) and renamed to `<out>` only when complete, so an interrupted or failed
 conversion leaves no folder that looks finished, and a failure removes the staging folder and any
 parent folder it created. Options, the output path and the native tools are checked before the
 checkpoint is read. An existing output is refused unless `overwrite` is set (mlx-lm's rule), and even
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from factedge.convert.mmproj import write_mmproj
 from factedge.convert.quantize import check_lm_quants, quantize_language_model
 from factedge.convert.shapes import lm_shapes
 from factedge.convert.specs import Checkpoint
-from factedge.edge.atomic import write_text
+from factedge.edge.atomic import temp_sibling, write_text
 from factedge.edge.file_types import (MMPROJ_TYPES, adapter_file, base_model_file, lm_base_type, mmproj_file,
                                       mmproj_type, quant_model_file)
 from factedge.edge.errors import ConfigError, OutputError
@@ -143,14 +142,6 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def _fresh_name(out: Path, kind: str) -> Path:
-    """A sibling of `out` that does not exist: `<out>.<kind>-<random>` (never a folder of the user's)."""
-    while True:
-        candidate = out.with_name(f"{out.name}.{kind}-{secrets.token_hex(4)}")
-        if not candidate.exists() and not candidate.is_symlink():
-            return candidate
-
-
 def _prepare_out(out: Path) -> tuple[Path, list[Path]]:
     """Create a fresh staging folder beside `out` (and missing parents); returns it and the parents created."""
     created: list[Path] = []
@@ -160,7 +151,7 @@ def _prepare_out(out: Path) -> tuple[Path, list[Path]]:
         for folder in reversed(missing):
             folder.mkdir()
             created.append(folder)
-        staging = _fresh_name(out, "partial")
+        staging = temp_sibling(out, "partial")
         staging.mkdir()  # exclusive: fails rather than reuse anything
     except OSError as exc:
         _remove_created(created)
@@ -179,7 +170,7 @@ def _remove_created(created: list[Path]) -> None:
 def _move_into_place(staging: Path, out: Path) -> None:
     """Rename the finished staging folder to `out`; an old bundle is set aside (under a fresh name)
     until that succeeded, then deleted."""
-    old = _fresh_name(out, "old")
+    old = temp_sibling(out, "old")
     try:
         if out.exists():
             os.replace(out, old)

@@ -51,8 +51,9 @@ class SessionOptions:
     def check(self) -> "SessionOptions":
         if self.overflow not in OVERFLOW:
             raise ConfigError(f"overflow must be one of {', '.join(OVERFLOW)}, not {self.overflow!r}")
-        if self.image_cache < 0 or self.n_ctx < 8:
-            raise ConfigError("image_cache must be >= 0 and n_ctx >= 8")
+        if self.image_cache < 0:
+            raise ConfigError("image_cache must be >= 0")
+        ContextOptions(n_ctx=self.n_ctx, n_batch=self.n_batch, kv_type=self.kv_type).check()  # one set of bounds
         return self
 
 

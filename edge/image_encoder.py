@@ -26,7 +26,7 @@ class ImageEncoder(OwnedHandle):
                  flash_attn: bool | None = None):
         self.path = require_file(mmproj, "mmproj GGUF")
         preflight(self.path, "mmproj")
-        model._live()
+        model_ptr = model.ptr  # ClosedError for a closed model, before anything is allocated
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = use_gpu
         params.print_timings = False
@@ -35,7 +35,7 @@ class ImageEncoder(OwnedHandle):
             params.flash_attn_type = int(flash_attn)
         if n_threads > 0:
             params.n_threads = n_threads
-        ptr = mtmd.mtmd_init_from_file(str(self.path).encode(), model.ptr, params)
+        ptr = mtmd.mtmd_init_from_file(str(self.path).encode(), model_ptr, params)
         if not ptr:
             raise InputError(f"llama.cpp cannot load this mmproj with {model.path.name} ({native_log_tail()})", self.path)
         self._ptr = ptr

@@ -213,7 +213,7 @@ class Context(OwnedHandle):
 
     def __init__(self, model: Model, options: ContextOptions | None = None):
         self.options = (options or ContextOptions()).check()
-        model._live()
+        model_ptr = model.ptr  # ClosedError for a closed model, before the thread pool is made
         self.model = model
         params = _llama.llama_context_default_params()
         params.n_ctx = self.options.n_ctx
@@ -228,7 +228,7 @@ class Context(OwnedHandle):
             params.flash_attn_type = int(self.options.flash_attn)
         params.no_perf = False  # keep llama.cpp's own decode timers (`perf`): a few clock reads per decode
         pool = ThreadPool(params.n_threads)  # one persistent pool for decodes and prompt batches (threadpool.py)
-        ptr = _llama.llama_init_from_model(model.ptr, params)
+        ptr = _llama.llama_init_from_model(model_ptr, params)
         if not ptr:
             pool.close()
             raise NativeError(f"cannot create a llama.cpp context ({native_log_tail()})", model.path)

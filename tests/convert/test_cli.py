@@ -275,7 +275,7 @@ def test_disk_full(tiny_llava_hf, tmp_path, factedge, monkeypatch):
 
     monkeypatch.setattr(GGUFWriter, "write_tensor_data", write)
     r = factedge("convert", tiny_llava_hf.root, "--out", tmp_path / "bundle", *FAST)
-    assert r.code == 3 and re.fullmatch(r".*/bundle\.partial-[0-9a-f]{8}/mmproj-f16.gguf: cannot write GGUF: No space left on device", r.error)
+    assert r.code == 3 and re.fullmatch(r".*/\.bundle\.partial-\d+-[0-9a-f]{6}/mmproj-f16.gguf: cannot write GGUF: No space left on device", r.error)
     assert list(tmp_path.iterdir()) == []
 
 
