@@ -126,6 +126,11 @@ def encode_prompt(question: str, tokenizer, *, has_image: bool = True, system: s
     return ids
 
 
+def encode_reply(text: str, tokenizer) -> list[int]:
+    """Ids of an assistant reply as training targets see it after "ASSISTANT:" (no BOS, then `</s>`)."""
+    return encode_pieces([Piece("", False), Piece(text, target=True, eos=True)], tokenizer)[0][1:]
+
+
 def truncate(input_ids: list[int], labels: list[int], max_length: int,
              tokens_per_image: int) -> tuple[list[int], list[int]]:
     """Cut a sample so that it is at most `max_length` positions once each image token becomes
@@ -140,5 +145,5 @@ def truncate(input_ids: list[int], labels: list[int], max_length: int,
     return input_ids, labels
 
 
-__all__ = ["Piece", "conversation_turns", "encode_conversation", "encode_pieces", "encode_prompt",
+__all__ = ["Piece", "conversation_turns", "encode_conversation", "encode_pieces", "encode_prompt", "encode_reply",
            "pieces_text", "truncate", "turn_pieces"]

@@ -1,4 +1,4 @@
-"""`factedge train sft|rm|ppo|grpo|rloo --config FILE [--key value ...]`: a thin click layer.
+"""`factedge train sft|rm|ppo|grpo|rloo|dpo --config FILE [--key value ...]`: a thin click layer.
 
 Each command reads the stage's config dataclass from a YAML/TOML file plus `--key value`
 overrides (config.load_config), runs the library function with exactly that config, and shows a
@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
              ("--estimator", "grpo")),
     "rloo": ("factedge.train.rl.config:GroupRLConfig", "factedge.train.rl.group_rl:train_group_rl",
              ("--estimator", "rloo")),
+    "dpo": ("factedge.train.dpo.config:DPOConfig", "factedge.train.dpo.trainer:train_dpo", ()),
 }
 HELP = {
     "sft": "Supervised fine-tuning on LLaVA conversation JSON (full fine-tune or LoRA).",
@@ -32,11 +33,13 @@ HELP = {
     "ppo": "Fact-RLHF PPO with policy / reference / value / reward LoRA adapters on one base.",
     "grpo": "GRPO with the fact-augmented reward model (group-normalised advantages, no value model).",
     "rloo": "RLOO with the fact-augmented reward model (leave-one-out baseline, no value model).",
+    "dpo": "DPO of a policy LoRA on fact-checked pairs: offline (a preference file, optionally with mDPO's "
+           "image-conditional pairs) or on-policy (sampled answers ranked by the fact RM or the oracle).",
 }
 # metric key -> (label, format) shown on the progress line, in this order
 SHOWN = (("loss", "loss", "{:.4f}"), ("accuracy", "acc", "{:.3f}"), ("eval_accuracy", "eval acc", "{:.3f}"),
          ("reward", "reward", "{:.3f}"), ("kl", "KL", "{:.4f}"), ("tokens_per_s", "tok/s", "{:.0f}"),
-         ("samples_per_s", "samples/s", "{:.2f}"))
+         ("samples_per_s", "samples/s", "{:.2f}"), ("pairs", "pairs", "{:.0f}"))
 
 
 def _load(target: str) -> Any:
@@ -104,7 +107,7 @@ def _command(stage: str) -> click.Command:
 
 @click.group()
 def train() -> None:
-    """Run a stage of the Fact-RLHF recipe (SFT -> reward model -> PPO / GRPO / RLOO)."""
+    """Run a stage of the Fact-RLHF recipe (SFT -> reward model -> PPO / GRPO / RLOO, or DPO)."""
 
 
 for _stage in STAGES:

@@ -51,7 +51,7 @@ def scatter_rows(flat: Tensor, mask: Tensor) -> Tensor:
 class ActorCritic:
     """The adapters on one `LlavaForTraining` (`.model`), the value head and the reward model."""
 
-    def __init__(self, model: LlavaForTraining, reward: RewardModel, value_head: nn.Linear | None):
+    def __init__(self, model: LlavaForTraining, reward: RewardModel | None, value_head: nn.Linear | None):
         self.model, self.reward, self.value_head = model, reward, value_head
         self._trainable = self._collect_trainables()
         for p in self.model.parameters():
@@ -60,9 +60,11 @@ class ActorCritic:
             p.requires_grad_(True)
 
     @classmethod
-    def build(cls, cfg: RLBase, *, value: bool, value_adapter: str | None = None) -> "ActorCritic":
-        """Load the base and attach the adapters `cfg` names (value ones only when `value`)."""
-        if not cfg.reward.adapter:
+    def build(cls, cfg: RLBase, *, value: bool, value_adapter: str | None = None,
+              reward: bool = True) -> "ActorCritic":
+        """Load the base and attach the adapters `cfg` names (value ones only when `value`; the
+        reward model only when `reward`: the oracle and offline DPO need none)."""
+        if (reward or value) and not cfg.reward.adapter:
             raise ConfigError("reward.adapter (the reward model folder) is required")
         m = cfg.model
         model = load_for_training(m.base, vision_tower=m.vision_tower, dtype=torch_dtype(m.dtype),
@@ -72,14 +74,14 @@ class ActorCritic:
         add_lora(model, cfg.lora, name=POLICY, init_from=cfg.policy_adapter, trainable=True)
         # a fresh policy LoRA starts with B = 0, so a fresh reference (B = 0 too) is the same function
         add_lora(model, cfg.lora, name=REFERENCE, init_from=cfg.policy_adapter, trainable=False)
-        reward = RewardModel.load(model, cfg.reward.adapter, adapter=REWARD, trainable=False)
+        rm = RewardModel.load(model, cfg.reward.adapter, adapter=REWARD, trainable=False) if reward else None
         head = None
         if value:
             add_lora(model, name=VALUE, init_from=value_adapter or cfg.reward.adapter, trainable=True)
             head = nn.Linear(model.hidden_size, 1).to(model.device, model.dtype)
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
-        return cls(model, reward, head)
+        return cls(model, rm, head)
 
     # -- parameters ----------------------------------------------------------------------------
     def _collect_trainables(self) -> dict[str, nn.Parameter]:
@@ -148,4 +150,6 @@ class ActorCritic:
     @torch.no_grad()
     def rewards(self, input_ids: Sequence[Sequence[int]], images: Sequence[Path]) -> Tensor:
         """[B] reward-model scores of reward inputs (reward_prompt.encode_reward_input)."""
+        if self.reward is None:
+            raise ConfigError("this actor-critic was built without a reward model")
         return self.reward.score(input_ids, list(images))

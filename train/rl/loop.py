@@ -21,6 +21,7 @@ import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
@@ -112,7 +113,7 @@ def save_output(ac: ActorCritic, cfg: RLBase, run_path: Path) -> Path:
 
 def load_items(ac: ActorCritic, cfg: RLBase):
     facts = cfg.reward.facts if cfg.reward.use_facts else None
-    if cfg.reward.use_facts and facts is None:
+    if cfg.reward.use_facts and facts is None and cfg.reward.source == "rm":  # the oracle reads scenes
         raise ConfigError("reward.use_facts needs reward.facts (image_to_caption.json); or set use_facts false")
     items = load_prompts(cfg.data, image_folder=cfg.image_folder, facts_path=facts)
     kept = [it for it in items if prompt_fits(ac, it, cfg.rollout.max_prompt_tokens)]
@@ -121,21 +122,30 @@ def load_items(ac: ActorCritic, cfg: RLBase):
     return kept
 
 
-def run_rl(cfg: RLBase, algo: Algorithm, progress: Progress | None = None, *,
-           value_adapter: str | None = None) -> RunResult:
-    """Train `algo` as configured; returns the run folder and the LLaVA-RLHF-layout output."""
+@dataclass
+class Session:
+    """An RL-family run in progress: folder, adapters, optimiser and schedule, first step to run."""
+
+    cfg: RLBase
+    run: RunDir
+    ac: ActorCritic
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total: int
+    start: int
+
+
+def open_session(cfg: RLBase, total_for: Callable[[ActorCritic], int], *, value: bool = False,
+                 reward: bool = True, value_adapter: str | None = None) -> Session:
+    """Seed, build the adapters, plan `total_for(ac)` steps, AdamW + schedule (stepped once per
+    step), and resume from the newest checkpoint (or record the config)."""
     if cfg.run.num_threads > 0:
         torch.set_num_threads(cfg.run.num_threads)
     run = RunDir(cfg.run.out, keep=cfg.run.keep_checkpoints)
     seed_everything(cfg.run.seed)
     check_reward_source(cfg.reward)
-    ac = ActorCritic.build(cfg, value=algo.uses_value, value_adapter=value_adapter)
-    items = load_items(ac, cfg)
-    k = algo.samples_per_prompt
-    if cfg.rollout.batch_size < k or cfg.rollout.batch_size % k:
-        raise ConfigError(f"rollout.batch_size {cfg.rollout.batch_size} must be a multiple of {k} (group size)")
-    per_step = cfg.rollout.batch_size // k
-    total = steps_for(len(items), per_step, cfg.epochs, cfg.max_steps)
+    ac = ActorCritic.build(cfg, value=value, value_adapter=value_adapter, reward=reward)
+    total = total_for(ac)
     optimizer = make_optimizer(ac.trainables().values(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, total, cfg.optim.warmup_steps)
     latest = run.latest_checkpoint() if cfg.run.resume else None
@@ -144,29 +154,59 @@ def run_rl(cfg: RLBase, algo: Algorithm, progress: Progress | None = None, *,
         start = run.load_checkpoint(latest, None, optimizer, scheduler, trainables=ac.trainables()).step
     else:
         run.write_config(cfg)
+    return Session(cfg, run, ac, optimizer, scheduler, total, start)
+
+
+def drive(s: Session, step: Callable[[int], dict[str, Any]], progress: Progress | None = None) -> RunResult:
+    """Steps `start`..`total`: `step(i)` does the work and returns its figures; then the schedule,
+    metrics.jsonl, checkpoints (weights, optimizer, schedule, RNG) and progress; finally the output."""
+    cfg, run, ac = s.cfg, s.run, s.ac
     metrics: dict[str, Any] = {}
-    for step in range(start, total):
+    for i in range(s.start, s.total):
         t0 = time.perf_counter()
-        batch = [items[i] for i in batch_indices(len(items), per_step, step, cfg.run.seed) for _ in range(k)]
-        ro = collect(ac, batch, cfg, with_values=algo.uses_value, step=step)
-        t1 = time.perf_counter()
-        stats = algo.update(ac, ro, optimizer)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        t2 = time.perf_counter()
-        done = step + 1
-        tokens = int(ro.mask.sum())
-        metrics = {**rollout_stats(ro), **stats, "lr": lr, "epoch": done * per_step / len(items),
-                   "rollout_tokens_per_s": tokens / max(t1 - t0, 1e-9),
-                   "samples_per_s": len(ro) / max(t2 - t0, 1e-9), "step_s": t2 - t0}
-        if cfg.rollout.log:
-            log_rollout(run.path / "rollouts" / f"step-{done}.jsonl", ro, done)
-        if done % max(cfg.run.log_every, 1) == 0 or done == total:
+        stats = step(i)
+        lr = s.scheduler.get_last_lr()[0]
+        s.scheduler.step()
+        done = i + 1
+        metrics = {**stats, "lr": lr, "step_s": time.perf_counter() - t0}
+        if done % max(cfg.run.log_every, 1) == 0 or done == s.total:
             run.log(done, metrics)
-        if (cfg.run.save_every > 0 and done % cfg.run.save_every == 0) or done == total:
+        if (cfg.run.save_every > 0 and done % cfg.run.save_every == 0) or done == s.total:
             saved = {n: p.detach() for n, p in ac.trainables().items()}
-            run.save_checkpoint(done, None, optimizer, scheduler, {"epoch": metrics["epoch"]}, trainables=saved)
+            run.save_checkpoint(done, None, s.optimizer, s.scheduler, {"epoch": metrics.get("epoch", 0.0)},
+                                trainables=saved)
         if progress is not None:
-            progress(done, total, metrics)
+            progress(done, s.total, metrics)
     output = save_output(ac, cfg, run.path)
-    return RunResult(run.path, output, total, metrics)
+    return RunResult(run.path, output, s.total, metrics)
+
+
+def run_rl(cfg: RLBase, algo: Algorithm, progress: Progress | None = None, *,
+           value_adapter: str | None = None) -> RunResult:
+    """Train `algo` as configured; returns the run folder and the LLaVA-RLHF-layout output."""
+    k = algo.samples_per_prompt
+    if cfg.rollout.batch_size < k or cfg.rollout.batch_size % k:
+        raise ConfigError(f"rollout.batch_size {cfg.rollout.batch_size} must be a multiple of {k} (group size)")
+    per_step = cfg.rollout.batch_size // k
+    items: list = []
+
+    def plan(ac: ActorCritic) -> int:
+        items.extend(load_items(ac, cfg))
+        return steps_for(len(items), per_step, cfg.epochs, cfg.max_steps)
+
+    s = open_session(cfg, plan, value=algo.uses_value, value_adapter=value_adapter,
+                     reward=algo.uses_value or cfg.reward.source == "rm")
+
+    def step(i: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        batch = [items[j] for j in batch_indices(len(items), per_step, i, cfg.run.seed) for _ in range(k)]
+        ro = collect(s.ac, batch, cfg, with_values=algo.uses_value, step=i)
+        t1 = time.perf_counter()
+        stats = algo.update(s.ac, ro, s.optimizer)
+        if cfg.rollout.log:
+            log_rollout(s.run.path / "rollouts" / f"step-{i + 1}.jsonl", ro, i + 1)
+        return {**rollout_stats(ro), **stats, "epoch": (i + 1) * per_step / len(items),
+                "rollout_tokens_per_s": int(ro.mask.sum()) / max(t1 - t0, 1e-9),
+                "samples_per_s": len(ro) / max(time.perf_counter() - t0, 1e-9)}
+
+    return drive(s, step, progress)

@@ -241,3 +241,35 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     with torch.no_grad():
         clip_frac = masked_mean((clipped > unclipped).to(values.dtype), mask)
     return ValueLoss(loss=coef * vf, vf_loss=vf, clip_frac=clip_frac)
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    loss: Tensor  # [P] per pair, what is averaged and back-propagated
+    chosen_reward: Tensor  # [P] β·(logπ(y_w) − logπ_ref(y_w)), the implicit reward
+    rejected_reward: Tensor  # [P]
+    accuracy: Tensor  # [P] 1 where the chosen side's implicit reward is the higher
+
+
+def dpo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float = 0.1,
+             label_smoothing: float = 0.0) -> PreferenceLoss:
+    """DPO (Rafailov et al., 2023) on sequence log-probs [P]: −log σ(β·(Δ_w − Δ_l)), Δ = logπ − logπ_ref;
+    `label_smoothing` ε gives the conservative form (1−ε)·that + ε·(−log σ(−β·(Δ_w − Δ_l))).
+    The sides may differ in the response (plain pairs) or only in the image (mDPO's conditional pairs)."""
+    if beta <= 0:
+        raise ConfigError(f"beta must be positive, not {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ConfigError(f"label_smoothing must be in [0, 0.5), not {label_smoothing}")
+    w = beta * (chosen - ref_chosen)
+    lo = beta * (rejected - ref_rejected)
+    logits = w - lo
+    loss = -(1.0 - label_smoothing) * torch.nn.functional.logsigmoid(logits) \
+        - label_smoothing * torch.nn.functional.logsigmoid(-logits)
+    return PreferenceLoss(loss=loss, chosen_reward=w.detach(), rejected_reward=lo.detach(),
+                          accuracy=(logits.detach() > 0).to(chosen.dtype))
+
+
+def anchor_loss(chosen: Tensor, ref_chosen: Tensor, beta: float = 0.1, delta: float = 0.0) -> Tensor:
+    """mDPO's reward anchor [P]: −log σ(β·(logπ(y_w) − logπ_ref(y_w)) − δ), keeping the chosen
+    response's likelihood from falling while both sides of a pair fall together."""
+    return -torch.nn.functional.logsigmoid(beta * (chosen - ref_chosen) - delta)

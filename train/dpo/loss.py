@@ -1,0 +1,56 @@
+"""The DPO objective of a micro-batch of pairs on the actor-critic's adapters.
+
+Both sides of every pair are scored in one batch: the policy LoRA with gradients, the reference (the
+policy's start: the SFT model when the LoRA is fresh, as PPO's reference) without. Sequence
+log-probabilities are sums over the reply tokens, `</s>` included, as DPO's.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from factedge.train.dpo.config import DPOConfig
+from factedge.train.dpo.pairs import IMAGE, RESPONSE, PrefPair
+from factedge.train.rl.actor_critic import POLICY, REFERENCE, ActorCritic
+from factedge.train.rl.maths import anchor_loss, dpo_loss
+
+
+def side_logprobs(ac: ActorCritic, pairs: Sequence[PrefPair], adapter: str) -> tuple[Tensor, Tensor, Tensor]:
+    """([P] chosen, [P] rejected sequence log-probs, [P] chosen reply lengths) under `adapter`."""
+    sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    prompts = [p.prompt for p in pairs] * 2
+    batch = ac.response_batch(prompts, [s.reply for s in sides], ac.image_embeds([s.image for s in sides]))
+    logp, _ = ac.logprobs(batch, adapter)
+    seq = logp.sum(1)
+    n = len(pairs)
+    return seq[:n], seq[n:], batch.mask[:n].sum(1)
+
+
+def pair_step(ac: ActorCritic, pairs: Sequence[PrefPair], cfg: DPOConfig, weight: float) -> dict[str, float]:
+    """Backward of `weight` × the micro-batch's mean objective; returns its figures."""
+    device = ac.model.device
+    with torch.no_grad():
+        ref_c, ref_r, _ = side_logprobs(ac, pairs, REFERENCE)
+    pol_c, pol_r, lengths = side_logprobs(ac, pairs, POLICY)
+    terms = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.label_smoothing)
+    is_image = torch.tensor([p.kind == IMAGE for p in pairs], device=device)
+    w = torch.where(is_image, torch.full_like(terms.loss, cfg.image_weight), torch.ones_like(terms.loss))
+    loss = (w * terms.loss).mean()
+    resp = ~is_image
+    if cfg.anchor_weight > 0 and resp.any():
+        loss = loss + cfg.anchor_weight * anchor_loss(pol_c[resp], ref_c[resp], cfg.beta).sum() / len(pairs)
+    if cfg.nll_weight > 0 and resp.any():
+        loss = loss + cfg.nll_weight * (-pol_c[resp] / lengths[resp].clamp(min=1)).sum() / len(pairs)
+    (loss * weight).backward()
+    stats = {"loss": float(loss.detach()), "dpo_loss": float(terms.loss.detach().mean())}
+    for name, sel in ((RESPONSE, resp), (IMAGE, is_image)):
+        if sel.any():
+            prefix = "" if name == RESPONSE else "image_"
+            stats[f"{prefix}accuracy"] = float(terms.accuracy[sel].mean())
+            stats[f"{prefix}margin"] = float((terms.chosen_reward - terms.rejected_reward)[sel].mean())
+    stats["chosen_reward"] = float(terms.chosen_reward.mean())
+    stats["rejected_reward"] = float(terms.rejected_reward.mean())
+    return stats
