@@ -6,6 +6,11 @@ bottleneck. The score is the judge's MMHal-style 0-6 rating centred on its hallu
 (score - 3: a hallucinated answer scores below 0, an informative true one above), in place of the
 RM's score; every other term of the terminal reward (stop, length, correctness, KL) is unchanged.
 Only for data whose scenes are known (`factedge data shapes` writes scenes.json beside the prompts).
+
+`oracle_score: claims` counts instead: true claims (+1 for a right direct answer) − w·false claims. The
+MMHal rating gives an answer with no claim at all the same 0 as a description with one slip among four
+true objects, so a policy ranked by it learns to say nothing (BENCHMARKS.md); the count pays for every
+true object and charges every false one.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from factedge.train.rl.config import RewardSettings
 from factedge.train.rl.data import PromptItem
 
 REWARD_SOURCES = ("rm", "oracle")
+ORACLE_SCORES = ("mmhal", "claims")
 CENTRE = 3.0  # MMHal's rubric: a score below 3 is a hallucination
 
 
@@ -29,6 +35,8 @@ def check_reward_source(reward: RewardSettings) -> None:
         raise ConfigError(f"reward.source must be one of {', '.join(REWARD_SOURCES)}, not {reward.source!r}")
     if reward.source == "oracle" and not reward.scenes:
         raise ConfigError("reward.source oracle needs reward.scenes (the world's scenes.json)")
+    if reward.oracle_score not in ORACLE_SCORES:
+        raise ConfigError(f"reward.oracle_score must be one of {', '.join(ORACLE_SCORES)}, not {reward.oracle_score!r}")
 
 
 @lru_cache(maxsize=4)
@@ -38,8 +46,10 @@ def _scenes(path: str) -> dict:
     return read_scenes(path)
 
 
-def oracle_scores(items: Sequence[PromptItem], texts: Sequence[str], scenes_path: str | Path) -> torch.Tensor:
-    """[B] judge score - 3 of each response against its image's scene."""
+def oracle_scores(items: Sequence[PromptItem], texts: Sequence[str], scenes_path: str | Path,
+                  kind: str = "mmhal", false_weight: float = 2.0) -> torch.Tensor:
+    """[B] score of each response against its image's scene: the judge's rating − 3 (`mmhal`) or the
+    claim count (`claims`, module doc)."""
     from factedge.train.world.judge import judge
 
     scenes = _scenes(str(scenes_path))
@@ -49,5 +59,9 @@ def oracle_scores(items: Sequence[PromptItem], texts: Sequence[str], scenes_path
         if scene is None:
             raise InputError(f"no scene for image {item.image.name} (item {item.id})", Path(scenes_path))
         question = item.question.replace("<image>", "").strip()
-        out.append(judge(scene, text, question).score - CENTRE)
+        v = judge(scene, text, question)
+        if kind == "claims":
+            out.append(len(v.true_claims) + (v.answered is True) - false_weight * len(v.hallucinations))
+        else:
+            out.append(v.score - CENTRE)
     return torch.tensor(out, dtype=torch.float32)

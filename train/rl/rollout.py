@@ -127,7 +127,8 @@ def collect(ac: ActorCritic, items: Sequence[PromptItem], cfg: RLBase, *, with_v
         texts = [tok.decode(t, skip_special_tokens=True).strip() for t in s.tokens]
         cols["text"] += texts
         if cfg.reward.source == "oracle":  # the ceiling: the scene's truth instead of the RM (rl/oracle.py)
-            cols["score"].append(oracle_scores([items[i] for i in chunk], texts, cfg.reward.scenes))
+            cols["score"].append(oracle_scores([items[i] for i in chunk], texts, cfg.reward.scenes,
+                                               cfg.reward.oracle_score, cfg.reward.oracle_false_weight))
             continue
         rm_ids = reward_inputs(ac, [items[i] for i in chunk], texts, use_facts=cfg.reward.use_facts,
                                seed=cfg.run.seed, step=step)

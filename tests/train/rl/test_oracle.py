@@ -31,3 +31,21 @@ def test_the_source_is_checked():
         check_reward_source(RewardSettings(source="oracle"))
     with pytest.raises(ConfigError, match="reward.source must be one of rm, oracle"):
         check_reward_source(RewardSettings(source="human"))
+
+
+def test_claims_score_pays_true_objects_and_charges_false_ones(tmp_path):
+    scene = Scene((Obj("circle", "red", "large", 0.2, 0.2), Obj("square", "blue", "small", 0.8, 0.8),
+                   Obj("triangle", "green", "small", 0.2, 0.8)), BACKGROUNDS[0])
+    (tmp_path / "scenes.json").write_text(json.dumps({"0000001.png": scene.to_dict()}))
+    item = PromptItem("a", Path("imgs/0000001.png"), "<image>\nDescribe the image.", "describe", None, 1.0, None)
+    texts = ["There is a large red circle at the top left, a small blue square at the bottom right, a small green "
+             "triangle at the bottom left and a small yellow circle at the top right.",  # 3 true, 1 false
+             "There is a large red circle at the top left.",  # 1 true
+             "There is a small yellow circle at the top right.",  # 1 false
+             ""]
+    got = oracle_scores([item] * 4, texts, tmp_path / "scenes.json", "claims", 2.0).tolist()
+    mmhal = oracle_scores([item] * 4, texts, tmp_path / "scenes.json").tolist()
+    assert got == [1.0, 1.0, -2.0, 0.0]  # 3 − 2·1, 1, −2, nothing said
+    assert mmhal[3] > mmhal[0]  # the rating puts silence above three true objects and one slip
+    with pytest.raises(ConfigError, match="oracle_score"):
+        check_reward_source(RewardSettings(source="oracle", scenes="s.json", oracle_score="f1"))
