@@ -25,17 +25,18 @@ from pathlib import Path
 from bench.common import ensure_factedge
 
 # name -> (stage, overrides on top of the recipe preset's PPO settings); None: no training
+ON_POLICY = ("pairs=on_policy", "samples_per_prompt=4", "rollout.batch_size=32", "rollout.micro_batch_size=32",
+             "max_steps=150", "step_batch_size=8", "step_micro_batch_size=8", "optim.lr=5e-4", "nll_weight=0.5",
+             "reward.length_score=0")
 METHODS: dict[str, tuple[str, tuple[str, ...]] | None] = {
     "sft": None,
     "ppo_fact_rm": None,  # the recipe's own policy
     "ppo_oracle": ("ppo", ("reward.source=oracle", "reward.whiten_rewards=true", "optim.lr=1e-4",
                            "optim.scheduler=constant", "max_steps=200", "epochs=10")),
-    "dpo": ("dpo", ("epochs=2", "optim.lr=5e-4")),
-    "dpo_image": ("dpo", ("epochs=2", "optim.lr=5e-4", "image_pairs=true", "anchor_weight=1.0")),
-    "dpo_on_policy_oracle": ("dpo", ("pairs=on_policy", "reward.source=oracle", "max_steps=60", "optim.lr=5e-4",
-                                     "rollout.batch_size=32", "rollout.micro_batch_size=32")),
-    "dpo_on_policy_rm": ("dpo", ("pairs=on_policy", "max_steps=60", "optim.lr=5e-4",
-                                 "rollout.batch_size=32", "rollout.micro_batch_size=32")),
+    "dpo": ("dpo", ("epochs=2", "optim.lr=2e-4", "nll_weight=1.0")),
+    "dpo_image": ("dpo", ("epochs=2", "optim.lr=2e-4", "nll_weight=1.0", "image_pairs=true", "anchor_weight=1.0")),
+    "dpo_on_policy_oracle": ("dpo", (*ON_POLICY, "reward.source=oracle", "reward.oracle_score=objects", "reward.oracle_false_weight=1.0")),
+    "dpo_on_policy_rm": ("dpo", ON_POLICY),
 }
 ROWS = [("hallucination rate", "hallucination_rate"), ("objects covered (all answers)", "coverage"),
         ("describe: hallucination rate", "describe_hallucination_rate"),

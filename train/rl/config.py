@@ -36,7 +36,8 @@ class RewardSettings:
     source: str = "rm"  # rm: the reward model scores | oracle: the world's judge against scenes (rl/oracle.py)
     scenes: str | None = None  # scenes.json, for source oracle
     oracle_score: str = "mmhal"  # mmhal: judge score − 3 | claims: true claims (+1 right answer) − w·false claims
-    oracle_false_weight: float = 2.0  # w of oracle_score claims
+    #                              | objects: objects identified by true claims (+1 right answer) − w·false claims
+    oracle_false_weight: float = 2.0  # w of oracle_score claims / objects
     facts: str | None = None  # image_to_caption.json; None: the plain reward prompt
     use_facts: bool = True
     penalty_no_eos: float = -8.0

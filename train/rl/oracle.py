@@ -10,7 +10,9 @@ Only for data whose scenes are known (`factedge data shapes` writes scenes.json 
 `oracle_score: claims` counts instead: true claims (+1 for a right direct answer) − w·false claims. The
 MMHal rating gives an answer with no claim at all the same 0 as a description with one slip among four
 true objects, so a policy ranked by it learns to say nothing (BENCHMARKS.md); the count pays for every
-true object and charges every false one.
+true object and charges every false one. A policy ranked by claims learnt to stop after the count
+("There are four objects: a.", one true claim, no risk); `objects` pays only for the scene's objects
+that true claims identify (the judge's coverage), so a count alone earns nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from factedge.train.rl.config import RewardSettings
 from factedge.train.rl.data import PromptItem
 
 REWARD_SOURCES = ("rm", "oracle")
-ORACLE_SCORES = ("mmhal", "claims")
+ORACLE_SCORES = ("mmhal", "claims", "objects")
 CENTRE = 3.0  # MMHal's rubric: a score below 3 is a hallucination
 
 
@@ -60,8 +62,9 @@ def oracle_scores(items: Sequence[PromptItem], texts: Sequence[str], scenes_path
             raise InputError(f"no scene for image {item.image.name} (item {item.id})", Path(scenes_path))
         question = item.question.replace("<image>", "").strip()
         v = judge(scene, text, question)
-        if kind == "claims":
-            out.append(len(v.true_claims) + (v.answered is True) - false_weight * len(v.hallucinations))
+        if kind in ("claims", "objects"):
+            paid = len(v.true_claims) if kind == "claims" else v.covered
+            out.append(paid + (v.answered is True) - false_weight * len(v.hallucinations))
         else:
             out.append(v.score - CENTRE)
     return torch.tensor(out, dtype=torch.float32)

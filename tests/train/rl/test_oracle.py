@@ -47,5 +47,10 @@ def test_claims_score_pays_true_objects_and_charges_false_ones(tmp_path):
     mmhal = oracle_scores([item] * 4, texts, tmp_path / "scenes.json").tolist()
     assert got == [1.0, 1.0, -2.0, 0.0]  # 3 − 2·1, 1, −2, nothing said
     assert mmhal[3] > mmhal[0]  # the rating puts silence above three true objects and one slip
+    count_only = ["There are three objects: a.", texts[1]]
+    claims = oracle_scores([item] * 2, count_only, tmp_path / "scenes.json", "claims", 2.0).tolist()
+    objects = oracle_scores([item] * 2, count_only, tmp_path / "scenes.json", "objects", 2.0).tolist()
+    assert claims == [1.0, 1.0] and objects == [0.0, 1.0]  # a true count alone pays under claims, not objects
+    assert oracle_scores([item] * 4, texts, tmp_path / "scenes.json", "objects", 1.0).tolist() == [2.0, 1.0, -1.0, 0.0]
     with pytest.raises(ConfigError, match="oracle_score"):
         check_reward_source(RewardSettings(source="oracle", scenes="s.json", oracle_score="f1"))
