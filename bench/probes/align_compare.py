@@ -35,7 +35,8 @@ METHODS: dict[str, tuple[str, tuple[str, ...]] | None] = {
                            "optim.scheduler=constant", "max_steps=200", "epochs=10")),
     "dpo": ("dpo", ("epochs=2", "optim.lr=2e-4", "nll_weight=1.0")),
     "dpo_image": ("dpo", ("epochs=2", "optim.lr=2e-4", "nll_weight=1.0", "image_pairs=true", "anchor_weight=1.0")),
-    "dpo_on_policy_oracle": ("dpo", (*ON_POLICY, "reward.source=oracle", "reward.oracle_score=objects", "reward.oracle_false_weight=1.0")),
+    "dpo_on_policy_oracle": ("dpo", (*ON_POLICY, "reward.source=oracle", "reward.oracle_score=objects",
+                                     "reward.oracle_false_weight=1.0")),
     "dpo_on_policy_rm": ("dpo", ON_POLICY),
 }
 ROWS = [("hallucination rate", "hallucination_rate"), ("objects covered (all answers)", "coverage"),
