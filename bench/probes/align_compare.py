@@ -97,8 +97,8 @@ def pope_items(out: Path, seed: int, n_images: int) -> tuple[list[dict], Path, l
 
     files = write_shapes_pope(out, n=n_images, seed=seed, split="adversarial", cfg=WorldConfig(image_size=112))
     rows = [json.loads(line) for line in Path(files.questions).read_text().splitlines() if line.strip()]
-    items = [{"image": r["image"], "conversations": [{"from": "human", "value": "<image>\n" + r["text"] + PROMPT_SUFFIX}]}
-             for r in rows]
+    items = [{"image": r["image"],
+              "conversations": [{"from": "human", "value": "<image>\n" + r["text"] + PROMPT_SUFFIX}]} for r in rows]
     return items, Path(files.images), [r["label"] for r in rows]
 
 
