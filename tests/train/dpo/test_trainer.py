@@ -86,7 +86,7 @@ def test_on_policy_dpo_ranks_samples_with_the_oracle(small_base, small_world, tm
     ones (the oracle itself is tested with PPO) so every group gives a pair to train on."""
     import factedge.train.rl.rollout as rollout
 
-    monkeypatch.setattr(rollout, "oracle_scores", lambda items, texts, scenes: torch.arange(len(texts)).float())
+    monkeypatch.setattr(rollout, "oracle_scores", lambda items, texts, *scene_args: torch.arange(len(texts)).float())
     res = train_dpo(cfg_for(small_base, small_world, tmp_path / "run", "--pairs", "on_policy", "--data",
                             str(small_world.ppo_prompts), "--reward.source", "oracle", "--reward.scenes",
                             str(small_world.scenes), "--samples_per_prompt", "4", "--rollout.batch_size", "8",
