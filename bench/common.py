@@ -22,3 +22,11 @@ def ensure_factedge() -> None:
         for wing in ("edge", "convert", "train"):
             (shim / wing).symlink_to(ROOT / wing, target_is_directory=True)
         sys.path.insert(0, str(shim.parent))
+
+
+def print_figures(results: dict[str, dict], rows: list[tuple[str, str]]) -> None:
+    """A markdown table: one column per run (`results` name -> figures), one row per (label, key)."""
+    print("| figure | " + " | ".join(results) + " |")
+    print("|---|" + "---:|" * len(results))
+    for label, key in rows:
+        print(f"| {label} | " + " | ".join(f"{r.get(key, float('nan')):.3f}" for r in results.values()) + " |")

@@ -22,7 +22,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from bench.common import ensure_factedge
+from bench.common import ensure_factedge, print_figures
 
 # name -> (stage, overrides on top of the recipe preset's PPO settings); None: no training
 ON_POLICY = ("pairs=on_policy", "samples_per_prompt=4", "rollout.batch_size=32", "rollout.micro_batch_size=32",
@@ -148,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: hallucination {res[name]['hallucination_rate']:.3f}, coverage {res[name]['coverage']:.3f}, "
               f"POPE F1 {res[name]['pope_f1']:.3f} (trained {seconds:.0f} s)", flush=True)
     print(f"\nheld-out {next(iter(res.values()))['n']} answers; POPE {len(pope[2])} questions (adversarial)\n")
-    print("| figure | " + " | ".join(res) + " |")
-    print("|---|" + "---:|" * len(res))
-    for label, key in ROWS:
-        print(f"| {label} | " + " | ".join(f"{r.get(key, float('nan')):.3f}" for r in res.values()) + " |")
+    print_figures(res, ROWS)
     if args.json:
         write_json(args.json, {"recipe": str(args.recipe), "seed": args.seed, "methods": {m: METHODS[m] for m in names},
                                "extra": extra, "eval": res}, default=str)

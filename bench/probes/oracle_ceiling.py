@@ -22,7 +22,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from bench.common import ensure_factedge
+from bench.common import ensure_factedge, print_figures
 
 ROWS = [("hallucination rate", "hallucination_rate"), ("objects covered (all answers)", "coverage"),
         ("describe: hallucination rate", "describe_hallucination_rate"),
@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     policies[f"PPO + {'fact RM' if source == 'rm' else 'oracle'} ({tag})"] = policy
     res = evaluate(args.recipe, policies, args.limit, recipe_preset(args.scale, args.seed).ppo.rollout.max_new_tokens)
     print(f"oracle PPO trained in {seconds:.0f} s; held-out {next(iter(res.values())).get('n', '?')} answers\n")
-    print("| figure | " + " | ".join(res) + " |")
-    print("|---|" + "---:|" * len(res))
-    for label, key in ROWS:
-        print(f"| {label} | " + " | ".join(f"{r.get(key, float('nan')):.3f}" for r in res.values()) + " |")
+    print_figures(res, ROWS)
     if args.json:
         from factedge.edge.atomic import write_json
 
