@@ -4,6 +4,8 @@
 patch 16 = 16 image tokens) built once and cached on disk like the tiny checkpoints.
 `small_world`: 12 train images (+ held-out) of the shapes world at 64 px, written once per session.
 `fresh_model()`: a new LlavaForTraining on the small base (tests that train must not share one).
+`interrupt(trainer, cfg, after)`: run a trainer and kill it (by its progress callback) once step
+`after` is done, as a crash would; the resume tests then run it again.
 """
 
 from __future__ import annotations
@@ -38,3 +40,20 @@ def fresh_model(small_base):
         return load_for_training(small_base, **kwargs)
 
     return make
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def interrupt():
+    def run(trainer, cfg, after: int) -> None:
+        def progress(done, total, metrics):
+            if done == after:
+                raise _Interrupted
+
+        with pytest.raises(_Interrupted):
+            trainer(cfg, progress=progress)
+
+    return run

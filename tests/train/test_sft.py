@@ -74,22 +74,14 @@ def test_full_ft_output_is_an_original_llava_folder(full_run):
     assert json.loads((full_run.run_dir / "config.json").read_text())["optim"]["lr"] == 1e-3
 
 
-def test_seeded_runs_repeat_and_resume_bit_for_bit(full_run, small_base, small_world, tmp_path):
+def test_seeded_runs_repeat_and_resume_bit_for_bit(full_run, small_base, small_world, tmp_path, interrupt):
     again = train_sft(_cfg(small_base, small_world, tmp_path / "again"))
     want = _final(full_run.run_dir)
     got = _final(again.run_dir)
     assert all(torch.equal(want[k], got[k]) for k in want)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_2(step, total, metrics):
-        if step == 2:
-            raise Stop
-
     cfg = _cfg(small_base, small_world, tmp_path / "resumed", "--run.save_every", "2")
-    with pytest.raises(Stop):
-        train_sft(cfg, progress=stop_after_2)
+    interrupt(train_sft, cfg, after=2)
     assert [d.name for d in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-2"]
     seen = []
     train_sft(cfg, progress=lambda step, total, m: seen.append(step))

@@ -110,11 +110,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class Stop(Exception):
-    pass
-
-
-def test_train_ppo_logs_output_resume_and_determinism(rl_inputs, tmp_path):
+def test_train_ppo_logs_output_resume_and_determinism(rl_inputs, tmp_path, interrupt):
     from factedge.convert.layouts import load_checkpoint
     from factedge.train.rl.ppo import train_ppo
     from factedge.train.rl.config import PPOConfig
@@ -152,13 +148,7 @@ def test_train_ppo_logs_output_resume_and_determinism(rl_inputs, tmp_path):
 
     # interrupted after step 1, resumed: the same rollouts and the same adapter, bit for bit
     cfg_b = make_cfg(PPOConfig, rl_inputs, tmp_path / "b")
-
-    def stop(done, total, metrics):
-        if done == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_ppo(cfg_b, progress=stop)
+    interrupt(train_ppo, cfg_b, after=1)
     resumed = train_ppo(cfg_b)
     assert (resumed.run_dir / "rollouts" / "step-2.jsonl").read_text() == \
         (straight.run_dir / "rollouts" / "step-2.jsonl").read_text()
