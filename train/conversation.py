@@ -36,17 +36,18 @@ def _ids(tokenizer, text: str, bos: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=bos).input_ids) if text else []
 
 
-def encode_pieces(pieces: Sequence[Piece], tokenizer) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): BOS before the first piece, `<image>` -> IMAGE_TOKEN_INDEX in any piece,
-    labels = ids on target pieces (incl. their EOS), IGNORE_INDEX elsewhere."""
+def encode_pieces(pieces: Sequence[Piece], tokenizer, *, bos: bool = True) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): BOS before the first piece (unless `bos` is off: a reply encoded alone),
+    `<image>` -> IMAGE_TOKEN_INDEX in any piece, labels = ids on target pieces (incl. their EOS),
+    IGNORE_INDEX elsewhere."""
     ids: list[int] = []
     labels: list[int] = []
     for n, piece in enumerate(pieces):
-        bos = n == 0
+        lead = bos and n == 0
         part: list[int] = []
-        for seg in split_at_images(piece.text, lambda text, first: _ids(tokenizer, text, bos and first)):
+        for seg in split_at_images(piece.text, lambda text, first: _ids(tokenizer, text, lead and first)):
             part.extend([IMAGE_TOKEN_INDEX] if seg is None else seg)
-        if bos and (not part or part[0] != tokenizer.bos_token_id):  # text starting with <image>
+        if lead and (not part or part[0] != tokenizer.bos_token_id):  # text starting with <image>
             part.insert(0, tokenizer.bos_token_id)
         if piece.eos:
             part.append(tokenizer.eos_token_id)
@@ -128,7 +129,7 @@ def encode_prompt(question: str, tokenizer, *, has_image: bool = True, system: s
 
 def encode_reply(text: str, tokenizer) -> list[int]:
     """Ids of an assistant reply as training targets see it after "ASSISTANT:" (no BOS, then `</s>`)."""
-    return encode_pieces([Piece("", False), Piece(text, target=True, eos=True)], tokenizer)[0][1:]
+    return encode_pieces([Piece(text, target=True, eos=True)], tokenizer, bos=False)[0]
 
 
 def truncate(input_ids: list[int], labels: list[int], max_length: int,
