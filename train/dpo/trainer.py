@@ -27,7 +27,7 @@ import torch
 from factedge.edge.errors import ConfigError
 from factedge.train.config import OptimSettings
 from factedge.train.dpo.config import PAIR_SOURCES, DPOConfig
-from factedge.train.dpo.loss import pair_step
+from factedge.train.dpo.loss import ReferenceTable, pair_step
 from factedge.train.dpo.pairs import PrefPair, image_conditional, load_preference_pairs, ranked_pairs
 from factedge.train.loop import Plan, Progress
 from factedge.train.rl.actor_critic import ActorCritic
@@ -49,11 +49,16 @@ def check(cfg: DPOConfig) -> None:
         raise ConfigError("on_policy needs samples_per_prompt >= 2 to rank")
 
 
-def train_pairs(ac: ActorCritic, pairs: list[PrefPair], optimizer: torch.optim.Optimizer,
-                cfg: DPOConfig) -> dict[str, float]:
-    """`cfg.ppo_epochs` passes over `pairs` in shuffled step batches of micro-batches."""
-    return optimise(ac, optimizer, len(pairs), cfg,
-                    lambda idx, weight: pair_step(ac, [pairs[i] for i in idx], cfg, weight))
+def train_pairs(ac: ActorCritic, pairs: list[PrefPair], optimizer: torch.optim.Optimizer, cfg: DPOConfig,
+                table: ReferenceTable | None = None, ids: list[int] | None = None) -> dict[str, float]:
+    """`cfg.ppo_epochs` passes over `pairs` in shuffled step batches of micro-batches; with a `table`,
+    the reference log-probs of pair i come from its row `ids[i]`."""
+
+    def micro(idx: list[int], weight: float) -> dict[str, float]:
+        reference = table.lookup(ac, [ids[i] for i in idx]) if table is not None else None
+        return pair_step(ac, [pairs[i] for i in idx], cfg, weight, reference)
+
+    return optimise(ac, optimizer, len(pairs), cfg, micro)
 
 
 @dataclass
@@ -86,22 +91,25 @@ def train_dpo(cfg: DPOConfig, progress: Progress | None = None) -> RunResult:
     if cfg.pairs == "on_policy":
         return run_rl(cfg, OnPolicyDPO(cfg), progress)
     pairs: list[PrefPair] = []
-    plan: list[Plan] = []
+    plan: Plan | None = None
 
     def total_for(ac: ActorCritic) -> int:
+        nonlocal plan
         pairs.extend(load_preference_pairs(cfg.preference, ac.model.tokenizer, images=cfg.image_folder))
         if cfg.image_pairs:
             pairs.extend(image_conditional(pairs, cfg.run.seed))
-        plan.append(Plan.make(len(pairs), OptimSettings(epochs=cfg.epochs, max_steps=cfg.max_steps,
-                                                        batch_size=cfg.step_batch_size,
-                                                        micro_batch_size=cfg.step_micro_batch_size)))
-        return plan[0].total_steps
+        plan = Plan.make(len(pairs), OptimSettings(epochs=cfg.epochs, max_steps=cfg.max_steps,
+                                                   batch_size=cfg.step_batch_size,
+                                                   micro_batch_size=cfg.step_micro_batch_size))
+        return plan.total_steps
 
     s = open_session(cfg, total_for, reward=False)
     one_pass = dataclasses.replace(cfg, ppo_epochs=1)
+    table = ReferenceTable(pairs, cfg.step_micro_batch_size)
 
     def step(i: int) -> dict[str, float]:
-        batch = [pairs[j] for j in plan[0].batch(i, cfg.run.seed)]
-        return {**train_pairs(s.ac, batch, s.optimizer, one_pass), "epoch": plan[0].epoch(i + 1)}
+        ids = plan.batch(i, cfg.run.seed)
+        return {**train_pairs(s.ac, [pairs[j] for j in ids], s.optimizer, one_pass, table, ids),
+                "epoch": plan.epoch(i + 1)}
 
     return drive(s, step, progress)

@@ -30,11 +30,7 @@ def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-class Stop(Exception):
-    pass
-
-
-def test_offline_dpo_output_learning_and_resume(small_base, small_world, tmp_path):
+def test_offline_dpo_output_learning_and_resume(small_base, small_world, tmp_path, interrupt):
     from factedge.convert.layouts import load_checkpoint
 
     torch.set_num_threads(1)
@@ -51,13 +47,7 @@ def test_offline_dpo_output_learning_and_resume(small_base, small_world, tmp_pat
 
     # interrupted after step 1, resumed: the same adapter bit for bit
     cfg_b = cfg_for(small_base, small_world, tmp_path / "b")
-
-    def stop(done, total, metrics):
-        if done == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_dpo(cfg_b, progress=stop)
+    interrupt(train_dpo, cfg_b, after=1)
     resumed = train_dpo(cfg_b)
     again = load_file(str(resumed.run_dir / ADAPTER))
     assert adapter.keys() == again.keys() and all(torch.equal(adapter[k], again[k]) for k in adapter)
@@ -108,3 +98,29 @@ def test_bad_settings_are_refused(small_base, small_world, tmp_path, args, messa
     with pytest.raises(ConfigError, match=message):
         train_dpo(cfg_for(small_base, small_world, tmp_path / "run", *args))
     assert not (tmp_path / "run").exists()
+
+
+def test_reference_table_computes_each_chunk_once(small_base, small_world, tmp_path, monkeypatch):
+    """Offline DPO keeps the frozen reference's log-probs: a chunk is computed on first use, with the
+    values a direct computation gives, and never again."""
+    import factedge.train.dpo.loss as loss
+    from factedge.train.dpo.pairs import load_preference_pairs
+    from factedge.train.rl.actor_critic import REFERENCE, ActorCritic
+
+    cfg = cfg_for(small_base, small_world, tmp_path / "run")
+    ac = ActorCritic.build(cfg, value=False, reward=False)
+    pairs = load_preference_pairs(small_world.preference, ac.model.tokenizer)
+    assert len(pairs) >= 5
+    table = loss.ReferenceTable(pairs, chunk=3)
+    chosen, rejected = table.lookup(ac, [4, 0])
+    with torch.no_grad():
+        want_c, want_r, _ = loss.side_logprobs(ac, [pairs[4], pairs[0]], REFERENCE)
+    assert torch.allclose(chosen, want_c, atol=1e-4) and torch.allclose(rejected, want_r, atol=1e-4)
+    assert (chosen < 0).all() and table.done == {0, 1}
+
+    def no_second_pass(*args):
+        raise AssertionError("a stored chunk was computed again")
+
+    monkeypatch.setattr(loss, "side_logprobs", no_second_pass)
+    again_c, _ = table.lookup(ac, [1, 2, 5])
+    assert torch.equal(again_c[1:2], table.chosen[2:3]) and torch.equal(table.lookup(ac, [4])[0], chosen[:1])
