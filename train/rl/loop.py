@@ -138,14 +138,15 @@ class Session:
 def open_session(cfg: RLBase, total_for: Callable[[ActorCritic], int], *, value: bool = False,
                  reward: bool = True, value_adapter: str | None = None) -> Session:
     """Seed, build the adapters, plan `total_for(ac)` steps, AdamW + schedule (stepped once per
-    step), and resume from the newest checkpoint (or record the config)."""
+    step), and resume from the newest checkpoint (or record the config). The run folder is made only
+    once the model and the data have loaded, so bad input leaves nothing behind."""
     if cfg.run.num_threads > 0:
         torch.set_num_threads(cfg.run.num_threads)
-    run = RunDir(cfg.run.out, keep=cfg.run.keep_checkpoints)
     seed_everything(cfg.run.seed)
     check_reward_source(cfg.reward)
     ac = ActorCritic.build(cfg, value=value, value_adapter=value_adapter, reward=reward)
     total = total_for(ac)
+    run = RunDir(cfg.run.out, keep=cfg.run.keep_checkpoints)
     optimizer = make_optimizer(ac.trainables().values(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, total, cfg.optim.warmup_steps)
     latest = run.latest_checkpoint() if cfg.run.resume else None

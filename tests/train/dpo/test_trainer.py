@@ -88,6 +88,16 @@ def test_on_policy_dpo_ranks_samples_with_the_oracle(small_base, small_world, tm
     assert len(log) == 8 and len({x["id"] for x in log}) == 2
 
 
+def test_a_bad_pairs_file_leaves_no_run_folder(small_base, small_world, tmp_path):
+    from factedge.edge.errors import InputError
+
+    bad = tmp_path / "pairs.json"
+    bad.write_text("[]")
+    with pytest.raises(InputError, match="no items") as err:
+        train_dpo(cfg_for(small_base, small_world, tmp_path / "run", "--preference", str(bad)))
+    assert str(err.value).startswith(str(bad)) and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (("--pairs", "both"), "pairs must be one of"),
     (("--beta", "0"), "beta must be positive"),
