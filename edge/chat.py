@@ -16,9 +16,7 @@ prompt text is always the template's and only the answer's spelling may differ f
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Hashable, Iterator, Sequence
 
@@ -26,7 +24,8 @@ import numpy as np
 
 from factedge.edge.answer import Answer, TurnStats
 from factedge.edge.errors import ClosedError, ConfigError, ContextFullError, FactedgeError, InputError
-from factedge.edge.image import ImageSource, load_image, prepare_image
+from factedge.edge.image import ImageSource
+from factedge.edge.image_cache import ChatImage, ImageCache
 from factedge.edge.prompt import SYSTEM, Conversation, Turn, count_images, prompt_pieces
 from factedge.edge.runtime import Context, ContextOptions, LoraAdapter
 from factedge.edge.sampling import Sampler, SamplingOptions
@@ -57,12 +56,6 @@ class SessionOptions:
         return self
 
 
-@dataclass(frozen=True, eq=False)
-class ChatImage:
-    key: str  # sha256 of the prepared pixels
-    embedding: np.ndarray  # [n_tokens, n_embd]
-
-
 @dataclass
 class ChatTurn:
     user: str
@@ -87,7 +80,7 @@ class ChatSession:
         self.turns: list[ChatTurn] = []
         self._kv: list[Hashable] = []  # what each KV position holds: token id or (image key, row)
         self._epoch = 0  # bumped whenever the KV cache is rewound: an older stream stops generating
-        self._images: OrderedDict[str, ChatImage] = OrderedDict()
+        self._images = ImageCache(vision, self.options.image_cache)
         self.last_answer: Answer | None = None
 
     # -- history -------------------------------------------------------------------------------
@@ -167,23 +160,7 @@ class ChatSession:
     def _encode_all(self, sources: list, stats: TurnStats) -> list[ChatImage]:
         if sources and self.vision.encoder is None:
             raise ConfigError("this model was opened without an mmproj; it cannot take images")
-        return [src if isinstance(src, ChatImage) else self._encode(src, stats) for src in sources]
-
-    def _encode(self, source: ImageSource, stats: TurnStats) -> ChatImage:
-        pixels = prepare_image(load_image(source), self.vision.image_size)
-        key = hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
-        if key in self._images:
-            self._images.move_to_end(key)
-            stats.images_reused += 1
-            return self._images[key]
-        start = time.perf_counter()
-        image = ChatImage(key, self.vision.encoder.encode(pixels))
-        stats.image_encode_s += time.perf_counter() - start
-        stats.images_encoded += 1
-        self._images[key] = image
-        while len(self._images) > self.options.image_cache:
-            self._images.popitem(last=False)
-        return image
+        return [self._images.encode(src, stats) for src in sources]
 
     def _render(self, turns: list[ChatTurn], pending: ChatTurn | None = None) -> tuple[list, list]:
         """(per-position keys, feedable segments) of the prompt for these turns (+ a pending one)."""

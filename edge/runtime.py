@@ -193,6 +193,7 @@ class ContextOptions:
     n_threads: int = 0  # 0: llama.cpp's default (4), capped at the CPUs this process may use
     kv_type: str = "f16"  # KV cache precision; "f32" for exact parity checks
     flash_attn: bool | None = None  # None: llama.cpp decides; False for exact parity checks
+    n_seq: int = 1  # sequences decoded together (edge/batch.py); > 1: one KV pool shared by all of them
 
     def check(self) -> "ContextOptions":
         """Bounds llama.cpp asserts on (or crashes past) instead of returning an error."""
@@ -200,11 +201,14 @@ class ContextOptions:
             raise ConfigError(f"n_ctx must be in [{MIN_CTX}, {MAX_CTX}], not {self.n_ctx}")
         if not 1 <= self.n_batch <= MAX_CTX or not 0 <= self.n_threads <= 1024:
             raise ConfigError(f"n_batch must be in [1, {MAX_CTX}] and n_threads in [0, 1024]")
+        if not 1 <= self.n_seq <= MAX_SEQ:
+            raise ConfigError(f"n_seq must be in [1, {MAX_SEQ}], not {self.n_seq}")
         if self.kv_type not in _KV_TYPES:
             raise ConfigError(f"kv_type must be one of {', '.join(_KV_TYPES)}, not {self.kv_type!r}")
         return self
 
 
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: a sequence id past it aborts the process
 MIN_CTX, MAX_CTX = 16, 1 << 24  # a prompt needs a few positions; past 16 Mi the KV size overflows int32 math
 
 
@@ -224,6 +228,8 @@ class Context(OwnedHandle):
         else:  # llama.cpp's default (4), but never more threads than CPUs: pool workers poll
             params.n_threads = params.n_threads_batch = min(params.n_threads, _usable_cpus())
         params.type_k = params.type_v = _KV_TYPES[self.options.kv_type]
+        params.n_seq_max = self.options.n_seq
+        params.kv_unified = self.options.n_seq > 1  # one pool: a shared prefix is stored once for all
         if self.options.flash_attn is not None:
             params.flash_attn_type = int(self.options.flash_attn)
         params.no_perf = False  # keep llama.cpp's own decode timers (`perf`): a few clock reads per decode
@@ -272,16 +278,20 @@ class Context(OwnedHandle):
             _llama.llama_memory_seq_rm(mem, 0, keep, -1)
         self.n_past = keep
 
-    def _decode(self, tokens: Sequence[int] | None, embd: np.ndarray | None, want_logits: bool) -> np.ndarray:
+    def _decode(self, tokens: Sequence[int] | None, embd: np.ndarray | None, want_logits: bool, *,
+                seq: int = 0, pos: int | None = None) -> np.ndarray:
+        """Feed tokens or embeddings to sequence `seq` from position `pos` (None: n_past, which then
+        advances; only sequence 0's n_past is tracked here, edge/batch.py tracks the others)."""
         self._live()
+        at = self.n_past if pos is None else pos
         n = len(tokens) if tokens is not None else embd.shape[0]
         if embd is not None and (embd.ndim != 2 or embd.shape[1] != self.model.n_embd):
             raise InputError(f"image embeddings of shape {tuple(embd.shape)} do not fit the model's n_embd "
                              f"{self.model.n_embd}", self.model.path)
         if tokens is not None and any(not 0 <= t < self.model.n_vocab for t in tokens):
             raise InputError(f"a token id is outside the vocabulary (0..{self.model.n_vocab - 1})", self.model.path)
-        if self.n_past + n > self.n_ctx:
-            raise InputError(f"prompt needs {self.n_past + n} positions but the context holds {self.n_ctx}")
+        if at + n > self.n_ctx:
+            raise InputError(f"prompt needs {at + n} positions but the context holds {self.n_ctx}")
         out: list[np.ndarray] = []
         step = self.options.n_batch
         for start in range(0, n, step):
@@ -294,15 +304,16 @@ class Context(OwnedHandle):
                 for i in range(m):
                     if tokens is not None:
                         batch.token[i] = tokens[start + i]
-                    batch.pos[i] = self.n_past + i
+                    batch.pos[i] = at + start + i
                     batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
+                    batch.seq_id[i][0] = seq
                     batch.logits[i] = 1 if want_logits else int(start + i == n - 1)
                 batch.n_tokens = m
                 rc = _llama.llama_decode(self._ptr, batch)
                 if rc != 0:
                     raise NativeError(f"llama_decode failed with {rc} ({native_log_tail()})", self.model.path)
-                self.n_past += m
+                if pos is None:
+                    self.n_past += m
                 rows = range(m) if want_logits else ([m - 1] if start + m == n else [])
                 for i in rows:
                     ptr = _llama.llama_get_logits_ith(self._ptr, i)
@@ -338,6 +349,42 @@ class Context(OwnedHandle):
         if rc != 0:
             raise NativeError(f"llama_decode failed with {rc} ({native_log_tail()})", self.model.path)
         self.n_past += 1
+
+    def feed_seq(self, seq: int, pos: int, segments: Sequence[Segment]) -> int:
+        """Evaluate segments into sequence `seq` from position `pos`, one decode per segment as `feed`
+        (so the numerics are the one-sequence path's); the last position's logits are left in the
+        context for the sampler (index -1). Returns the next free position."""
+        for seg in segments:
+            embd = isinstance(seg, np.ndarray) and np.issubdtype(seg.dtype, np.floating)
+            self._decode(None if embd else [int(t) for t in seg], seg if embd else None, False, seq=seq, pos=pos)
+            pos += seg.shape[0] if embd else len(seg)
+        return pos
+
+    def step_rows(self, rows: Sequence[tuple[int, int, int]]) -> None:
+        """One decode of (sequence, position, token) rows, every row's logits kept for the sampler
+        (row i at index i): one generated token for each of several sequences at once."""
+        self._live()
+        if any(not 0 <= tok < self.model.n_vocab for _, _, tok in rows):
+            raise InputError(f"a token id is outside the vocabulary (0..{self.model.n_vocab - 1})", self.model.path)
+        batch = _llama.llama_batch_init(len(rows), 0, 1)
+        try:
+            for i, (seq, pos, tok) in enumerate(rows):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, 1
+                batch.seq_id[i][0] = seq
+            batch.n_tokens = len(rows)
+            rc = _llama.llama_decode(self._ptr, batch)
+            if rc != 0:
+                raise NativeError(f"llama_decode failed with {rc} ({native_log_tail()})", self.model.path)
+        finally:
+            _llama.llama_batch_free(batch)
+
+    def seq_copy(self, src: int, dst: int, end: int) -> None:
+        """Let sequence `dst` see `src`'s positions [0, end) (shared cells, nothing recomputed)."""
+        _llama.llama_memory_seq_cp(_llama.llama_get_memory(self._live()), src, dst, 0, end)
+
+    def seq_forget(self, seq: int) -> None:
+        """Drop every position of sequence `seq` (cells another sequence shares stay)."""
+        _llama.llama_memory_seq_rm(_llama.llama_get_memory(self._live()), seq, -1, -1)
 
     def feed(self, segments: Sequence[Segment], *, all_logits: bool = False) -> np.ndarray:
         """Evaluate segments in order; logits for every position, or only the last one."""

@@ -56,9 +56,10 @@ class Sampler:
         add(_llama.llama_sampler_init_temp(o.temperature))
         add(_llama.llama_sampler_init_dist(o.seed))
 
-    def sample(self, ctx_ptr) -> int:
-        """Pick the next token from the context's last logits (and remember it for penalties)."""
-        return int(_llama.llama_sampler_sample(self._ptr, ctx_ptr, -1))
+    def sample(self, ctx_ptr, row: int = -1) -> int:
+        """Pick the next token from the logits of the last decode's `row` (-1: its last row), and
+        remember it for penalties."""
+        return int(_llama.llama_sampler_sample(self._ptr, ctx_ptr, row))
 
     def close(self) -> None:
         if self._ptr:

@@ -1,0 +1,242 @@
+"""Many one-turn questions through one model at once: several sequences in one llama.cpp context.
+
+Decoding one token costs nearly the same for one sequence as for eight (the weights are read once per
+step either way), so `BatchSession` keeps up to `parallel` questions in flight in one context, one
+sequence id each, and decodes one token of every live sequence per llama.cpp call. A question that
+finishes frees its sequence for the next (continuous batching); the KV pool is unified, so:
+- the system prompt before the image ("<system> USER: ") is evaluated once, on a sequence of its own
+  that every image question then shares (its cells are seen by several sequences, never copied);
+- each distinct image is encoded once (edge/image_cache.py).
+
+Greedy answers are the one-at-a-time path's (`VisionModel.ask`): every prompt is fed with the same
+decodes as a fresh ChatSession (one per segment, the same n_batch), the prefix is shared only when it
+is the whole first segment, and a generation row's arithmetic does not depend on its neighbours.
+tests/edge/test_batch.py checks the identity; bench/speed/batch_speed.py measures the gain.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import numpy as np
+
+from factedge.edge.answer import Answer, TurnStats
+from factedge.edge.errors import ConfigError, ContextFullError, FactedgeError, InputError
+from factedge.edge.image import ImageSource
+from factedge.edge.image_cache import ImageCache
+from factedge.edge.prompt import SYSTEM, Conversation, Turn, prompt_pieces
+from factedge.edge.runtime import MAX_SEQ, Context, ContextOptions
+from factedge.edge.sampling import Sampler, SamplingOptions
+from factedge.edge.text_stream import TextStream
+
+if TYPE_CHECKING:
+    from factedge.edge.vision_model import VisionModel
+
+
+@dataclass
+class BatchOptions:
+    parallel: int = 4  # questions decoded together (sequences in the context)
+    seq_ctx: int = 1024  # positions one question may use: prompt (image rows included) + answer
+    n_batch: int = 512  # as SessionOptions.n_batch: the prompt decodes of the one-at-a-time path
+    kv_type: str = "f16"
+    image_cache: int = 16  # distinct image embeddings kept (LRU)
+    system: str = SYSTEM
+
+    def check(self) -> "BatchOptions":
+        if not 1 <= self.parallel < MAX_SEQ:
+            raise ConfigError(f"parallel must be in [1, {MAX_SEQ - 1}], not {self.parallel}")
+        ContextOptions(n_ctx=self.seq_ctx, n_batch=self.n_batch, kv_type=self.kv_type).check()
+        if self.image_cache < 0:
+            raise ConfigError("image_cache must be >= 0")
+        return self
+
+
+@dataclass
+class Request:
+    question: str
+    image: ImageSource | None = None
+    sampling: SamplingOptions | None = None  # None: the VisionModel's sampling options
+
+
+@dataclass
+class Outcome:
+    """One request's result, in completion order: an answer, or the error that refused it."""
+
+    index: int  # the request's position in the input
+    answer: Answer | None = None
+    error: FactedgeError | None = None
+
+
+@dataclass
+class _Live:
+    """A question being answered on sequence `seq`."""
+
+    index: int
+    seq: int
+    pos: int  # the next free position of the sequence
+    sampling: SamplingOptions
+    sampler: Sampler
+    stats: TurnStats
+    text: TextStream
+    tokens: list[int] = field(default_factory=list)
+    started: float = 0.0
+
+
+class BatchSession:
+    """Answers one-turn questions on a VisionModel, up to `parallel` of them decoded together."""
+
+    def __init__(self, vision: "VisionModel", options: BatchOptions | None = None):
+        self.vision = vision
+        self.options = (options or BatchOptions()).check()
+        o = self.options
+        self.model = vision.model
+        self._prefix = self._image_prefix()
+        self._prefix_seq = o.parallel  # a sequence of its own holds the shared prefix
+        n_ctx = o.parallel * o.seq_ctx + len(self._prefix)
+        self.ctx = Context(self.model, ContextOptions(n_ctx=n_ctx, n_batch=o.n_batch, n_threads=vision.options.threads,
+                                                      kv_type=o.kv_type, n_seq=o.parallel + 1))
+        if vision.adapter:
+            self.ctx.set_adapters([(vision.adapter, vision.options.adapter_scale)])
+        self._images = ImageCache(vision, o.image_cache)
+        self._prefix_ready = False
+
+    def _image_prefix(self) -> list[int]:
+        """The token ids before the image in every image question: "<BOS><system> USER: "."""
+        text = Conversation(self.options.system, [Turn("?", None, 1)]).text()
+        return list(prompt_pieces(text, self.model.tokenize)[0] or [])
+
+    # -- the public loop ------------------------------------------------------------------------
+
+    def answer_all(self, requests: Iterable[Request]) -> list[Outcome]:
+        """Every request's outcome, in input order."""
+        return sorted(self.run(requests), key=lambda o: o.index)
+
+    def run(self, requests: Iterable[Request]) -> Iterator[Outcome]:
+        """Answer `requests`, yielding each outcome as it finishes (completion order). Requests are
+        read lazily, so a long input (a folder, a JSONL file) is never held in memory at once."""
+        if self.ctx.closed:
+            raise FactedgeError("this batch session is closed")
+        pending = enumerate(requests)
+        live: list[_Live] = []
+        free = list(range(self.options.parallel - 1, -1, -1))
+        exhausted = False
+        try:
+            while True:
+                while free and not exhausted:
+                    item = next(pending, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    seq = free.pop()
+                    started = self._start(item[0], item[1], seq)
+                    if isinstance(started, Outcome):  # refused, or finished at its first token
+                        free.append(seq)
+                        yield started
+                    else:
+                        live.append(started)
+                if not live:
+                    return
+                self.ctx.step_rows([(s.seq, s.pos, s.tokens[-1]) for s in live])
+                for s in live:
+                    s.pos += 1
+                still: list[_Live] = []
+                for row, s in enumerate(live):
+                    done = self._next_token(s, row)
+                    if done is None:
+                        still.append(s)
+                    else:
+                        self.ctx.seq_forget(s.seq)
+                        free.append(s.seq)
+                        yield done
+                live = still
+        finally:
+            for s in live:  # closed early or failed: nothing of theirs stays in the KV pool
+                s.sampler.close()
+                self.ctx.seq_forget(s.seq)
+
+    # -- one request ------------------------------------------------------------------------------
+
+    def _start(self, index: int, request: Request, seq: int) -> _Live | Outcome:
+        """Evaluate a request's prompt into `seq` and sample its first token."""
+        stats = TurnStats(load_s=self.vision.load_s)
+        try:
+            sampling = (request.sampling or self.vision.options.sampling).check()
+            segments = self._segments(request, stats)
+            n = sum(len(s) for s in segments)
+            if n + sampling.max_tokens > self.options.seq_ctx:
+                raise ContextFullError(f"the question needs {n} prompt + {sampling.max_tokens} answer positions but "
+                                       f"one sequence holds {self.options.seq_ctx} (seq_ctx)")
+            start = time.perf_counter()
+            stats.prompt_reused = self._feed(seq, segments)
+            stats.prompt_s = time.perf_counter() - start
+            stats.prompt_total, stats.prompt_tokens = n, n - stats.prompt_reused
+        except FactedgeError as error:
+            self.ctx.seq_forget(seq)
+            return Outcome(index, error=error)
+        live = _Live(index, seq, n, sampling, Sampler(sampling, self.model.n_vocab), stats, TextStream(sampling.stop),
+                     started=time.perf_counter())
+        done = self._next_token(live, -1)
+        if done is not None:
+            self.ctx.seq_forget(seq)
+        return live if done is None else done
+
+    def _segments(self, request: Request, stats: TurnStats) -> list:
+        images = [] if request.image is None else [self._images.encode(request.image, stats)]
+        text = Conversation(self.options.system, [Turn(request.question, None, len(images))]).text()
+        pieces = prompt_pieces(text, self.model.tokenize)
+        if sum(p is None for p in pieces) != len(images):
+            raise InputError("a message must not contain the image marker '<image>' itself")
+        it = iter(images)
+        return [next(it).embedding if p is None else p for p in pieces]
+
+    def _feed(self, seq: int, segments: list) -> int:
+        """Evaluate the prompt; a first segment equal to the shared prefix is taken from its sequence.
+        Returns the positions reused."""
+        first = segments[0]
+        if not isinstance(first, np.ndarray) and list(first) == self._prefix and len(segments) > 1:
+            if not self._prefix_ready:
+                self.ctx.feed_seq(self._prefix_seq, 0, [self._prefix])
+                self._prefix_ready = True
+            self.ctx.seq_copy(self._prefix_seq, seq, len(self._prefix))
+            self.ctx.feed_seq(seq, len(self._prefix), segments[1:])
+            return len(self._prefix)
+        self.ctx.feed_seq(seq, 0, segments)
+        return 0
+
+    def _next_token(self, s: _Live, row: int) -> Outcome | None:
+        """Sample from `row`'s logits; an Outcome when the answer is finished, else None (the token
+        is fed with the next step). Mirrors ChatSession's generation loop token for token."""
+        if len(s.tokens) >= s.sampling.max_tokens:
+            return self._finish(s, "length")
+        tok = s.sampler.sample(self.ctx.ptr, row)
+        if self.model.is_eog(tok):
+            return self._finish(s, "stop")
+        s.tokens.append(tok)
+        s.text.push(self.model.piece(tok))
+        if s.text.stopped:
+            return self._finish(s, "stop")
+        if len(s.tokens) >= s.sampling.max_tokens:
+            return self._finish(s, "length")
+        return None
+
+    def _finish(self, s: _Live, reason: str) -> Outcome:
+        s.sampler.close()
+        s.text.finish()
+        s.stats.generate_s = time.perf_counter() - s.started
+        s.stats.generated_tokens = len(s.tokens)
+        return Outcome(s.index, Answer(s.text.text.strip(), s.tokens, s.stats, reason))
+
+    @property
+    def closed(self) -> bool:
+        return self.ctx.closed
+
+    def close(self) -> None:
+        self.ctx.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,128 @@
+"""BatchSession: several questions decoded together give the one-at-a-time answers token for token,
+share the system prompt and each distinct image, free their sequences, and refuse bad requests one
+by one. The tiny models are random, so their greedy tokens hang on near-ties: any change in the
+numerics of a row would show as a different token.
+
+Needs the patched native build; skipped without it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from factedge.edge.errors import ConfigError, ContextFullError, InputError
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native(native_tools):
+    return native_tools
+
+
+@pytest.fixture(scope="module")
+def vision(make_bundle, tiny_llava_rlhf):
+    from factedge.edge.sampling import SamplingOptions
+    from factedge.edge.vision_model import ModelOptions, VisionModel
+
+    out = make_bundle(tiny_llava_rlhf, name="tiny-rlhf")
+    options = ModelOptions(n_ctx=1024, threads=1, sampling=SamplingOptions(max_tokens=MAX_TOKENS))
+    with VisionModel.open(out, options=options) as vc:
+        yield vc
+
+
+def _image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+
+
+def _requests():
+    from factedge.edge.batch import Request
+    from factedge.edge.sampling import SamplingOptions
+
+    images = [_image(i) for i in range(3)]
+    qs = ["What is in the image?", "Describe the shapes.", "Is there a red circle?", "How many objects?"]
+    out = [Request(q, images[i % 3]) for i, q in enumerate(qs * 2)]
+    out.append(Request("Hello, who are you?"))  # no image: no shared prefix
+    out.append(Request("Short answer please.", images[1], SamplingOptions(max_tokens=3)))
+    out.append(Request("Sample something.", images[2], SamplingOptions(temperature=0.8, top_k=20, seed=7,
+                                                                      max_tokens=MAX_TOKENS)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def serial(vision):
+    return [vision.ask(r.question, r.image, r.sampling) for r in _requests()]
+
+
+@pytest.mark.parametrize("parallel", [1, 3, 8])
+def test_batched_answers_are_the_serial_ones(vision, serial, parallel):
+    from factedge.edge.batch import BatchOptions, BatchSession
+
+    with BatchSession(vision, BatchOptions(parallel=parallel, seq_ctx=400)) as batch:
+        outcomes = batch.answer_all(_requests())
+    assert [o.index for o in outcomes] == list(range(len(serial)))
+    for o, ref in zip(outcomes, serial):
+        assert o.error is None
+        assert o.answer.tokens == ref.tokens and o.answer.text == ref.text
+        assert o.answer.finish_reason == ref.finish_reason
+    assert sum(len(o.answer.tokens) for o in outcomes) > 5 * len(serial)  # real generation, not early stops
+
+
+def test_prefix_and_images_are_shared(vision):
+    from factedge.edge.batch import BatchOptions, BatchSession, Request
+
+    img = _image(11)
+    with BatchSession(vision, BatchOptions(parallel=4, seq_ctx=400)) as batch:
+        outcomes = batch.answer_all([Request(f"Question {i}?", img) for i in range(6)])
+        prefix = len(batch._prefix)
+    stats = [o.answer.stats for o in outcomes]
+    assert sum(s.images_encoded for s in stats) == 1 and sum(s.images_reused for s in stats) == 5
+    assert prefix > 20 and all(s.prompt_reused == prefix for s in stats)
+    assert all(s.prompt_tokens == s.prompt_total - prefix for s in stats)
+
+
+def test_sequences_are_freed_for_the_next_questions(vision, serial):
+    """Far more questions than the pool could hold at once: each finished one must give its cells back."""
+    from factedge.edge.batch import BatchOptions, BatchSession
+
+    reqs = _requests()[:4] * 10
+    with BatchSession(vision, BatchOptions(parallel=2, seq_ctx=340)) as batch:
+        outcomes = batch.answer_all(reqs)
+    assert all(o.error is None for o in outcomes)
+    assert [o.answer.tokens for o in outcomes] == [r.tokens for r in serial[:4]] * 10
+
+
+def test_a_bad_request_fails_alone(vision, serial, tmp_path):
+    from factedge.edge.batch import BatchOptions, BatchSession, Request
+    from factedge.edge.sampling import SamplingOptions
+
+    good = _requests()[:3]
+    reqs = [good[0], Request("?", tmp_path / "missing.png"), good[1],
+            Request("?", _image(0), SamplingOptions(max_tokens=200)), Request("<image> twice", _image(0)), good[2]]
+    with BatchSession(vision, BatchOptions(parallel=2, seq_ctx=400)) as batch:
+        outcomes = batch.answer_all(reqs)
+    assert isinstance(outcomes[1].error, InputError) and "missing.png" in str(outcomes[1].error)
+    assert isinstance(outcomes[3].error, ContextFullError) and "seq_ctx" in str(outcomes[3].error)
+    assert isinstance(outcomes[4].error, InputError)
+    assert [outcomes[i].answer.tokens for i in (0, 2, 5)] == [r.tokens for r in serial[:3]]
+
+
+def test_stopping_early_leaves_the_session_usable(vision, serial):
+    from factedge.edge.batch import BatchOptions, BatchSession
+
+    with BatchSession(vision, BatchOptions(parallel=3, seq_ctx=400)) as batch:
+        stream = batch.run(_requests())
+        next(stream)
+        stream.close()  # abandoned with questions in flight
+        outcomes = batch.answer_all(_requests())
+    assert [o.answer.tokens for o in outcomes] == [r.tokens for r in serial]
+
+
+def test_options_are_checked(vision):
+    from factedge.edge.batch import BatchOptions, BatchSession
+
+    for bad in (BatchOptions(parallel=0), BatchOptions(parallel=1000), BatchOptions(seq_ctx=4),
+                BatchOptions(kv_type="q2")):
+        with pytest.raises(ConfigError):
+            BatchSession(vision, bad)
