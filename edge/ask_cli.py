@@ -14,9 +14,18 @@ from factedge.edge.inspect import check_bundle, describe_gguf
 
 
 @click.command()
-@click.argument("question")
+@click.argument("question", required=False)
 @model_options
 @image_option("image file to ask about")
+@click.option("--images", type=click.Path(path_type=Path), help="a folder: ask QUESTION about every image in it")
+@click.option("--batch", "batch_file", type=click.Path(path_type=Path),
+              help='a JSONL file of {"image": ..., "question": ..., "id": ...} lines (image relative to the file)')
+@click.option("--out", type=click.Path(path_type=Path), help="with --images/--batch: the JSONL file of answers")
+@click.option("--parallel", type=int, default=4, show_default=True,
+              help="with --images/--batch: questions decoded together")
+@click.option("--seq-ctx", type=int, default=1024, show_default=True,
+              help="with --images/--batch: positions each question may use (image + prompt + answer)")
+@click.option("--overwrite", is_flag=True, help="with --images/--batch: replace an existing --out file")
 @sampling_options
 @runtime_options
 @click.option("--json", "as_json", is_flag=True, help="print a JSON object (answer, tokens, stats)")
@@ -24,13 +33,22 @@ from factedge.edge.inspect import check_bundle, describe_gguf
 @click.option("--compare-adapters", is_flag=True,
               help="answer with the base (SFT) model and with the LoRA adapter (RLHF), side by side")
 @adapter_scale_option
-def ask(question, model, image, mmproj, adapter, quant, temperature, top_p, top_k, max_tokens, seed, threads,
-        n_gpu_layers, as_json, stats, compare_adapters, adapter_scale):
-    """Answer QUESTION about --image with a converted model."""
+def ask(question, model, image, images, batch_file, out, parallel, seq_ctx, overwrite, mmproj, adapter, quant,
+        temperature, top_p, top_k, max_tokens, seed, threads, n_gpu_layers, as_json, stats, compare_adapters,
+        adapter_scale):
+    """Answer QUESTION about --image with a converted model, or many questions (--images, --batch) into a
+    JSONL file (resumable: run it again after an interruption)."""
+    from factedge.edge.ask_many import check_sources
+    from factedge.edge.batch import BatchOptions
     from factedge.edge.vision_model import ModelOptions
 
+    check_sources(image, images, batch_file, question)
     options = ModelOptions(threads=threads, n_gpu_layers=n_gpu_layers, adapter_scale=adapter_scale,
                           sampling=sampling_from(temperature, top_p, top_k, max_tokens, seed))
+    if images is not None or batch_file is not None:
+        batch = BatchOptions(parallel=parallel, seq_ctx=seq_ctx).check()
+        _ask_many(question, images, batch_file, out, batch, overwrite, (model, mmproj, adapter, quant), options)
+        return
     with open_vision(model, mmproj, adapter, quant, options) as chat:
         if compare_adapters:
             _compare(chat, question, image, adapter_scale, as_json, stats)
@@ -46,6 +64,24 @@ def ask(question, model, image, mmproj, adapter, quant, temperature, top_p, top_
         s = answer.stats
         click.echo(f"load {s.load_s:.2f} s | image encode {s.image_encode_s:.2f} s | prompt {s.prompt_tokens} tok "
                    f"{s.prompt_tps:.1f} tok/s | generation {s.generated_tokens} tok {s.generate_tps:.1f} tok/s", err=True)
+
+
+def _ask_many(question, folder, batch_file, out, batch, overwrite, files, options) -> None:
+    """--images / --batch: the jobs through the batch engine into --out, a progress bar on stderr."""
+    from factedge.edge.ask_many import answer_jobs, jobs_from_folder, jobs_from_jsonl
+    from factedge.edge.errors import ConfigError
+    from factedge.edge.progress import step_bars
+
+    if out is None:
+        raise ConfigError("--images and --batch write their answers to --out FILE.jsonl")
+    jobs = jobs_from_folder(folder, question) if folder is not None else jobs_from_jsonl(batch_file, question)
+    with open_vision(*files, options) as vision, step_bars() as report:
+        s = answer_jobs(vision, jobs, out, batch=batch, overwrite=overwrite, progress=report)
+    click.echo(f"{s.out}: {s.answered} answered, {s.failed} failed"
+               + (f", {s.resumed} from an earlier run" if s.resumed else "")
+               + f" in {s.wall_s:.1f} s ({s.generated_tokens / max(s.wall_s, 1e-9):.1f} generated tokens/s)", err=True)
+    if s.failed:
+        raise click.exceptions.Exit(1)
 
 
 def _compare(chat, question, image, scale, as_json, stats) -> None:

@@ -20,6 +20,8 @@ ADAPTER_TYPES = ("f32",)
 # what a bundle opens when no type is named: small and faithful first
 LM_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q6_K", "Q4_0", "F16", "BF16", "F32")
 MMPROJ_PREFERENCE = ("f16", "f32", "q8_0")
+# image files `factedge ask --images FOLDER` picks up (by suffix, any case); edge/image.py decodes them
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def is_unquantized(dtype: str) -> bool:
