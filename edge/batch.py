@@ -3,29 +3,32 @@
 Decoding one token costs nearly the same for one sequence as for eight (the weights are read once per
 step either way), so `BatchSession` keeps up to `parallel` questions in flight in one context, one
 sequence id each, and decodes one token of every live sequence per llama.cpp call. A question that
-finishes frees its sequence for the next (continuous batching); the KV pool is unified, so:
-- the system prompt before the image ("<system> USER: ") is evaluated once, on a sequence of its own
-  that every image question then shares (its cells are seen by several sequences, never copied);
+finishes frees its sequence for the next (continuous batching). Each sequence has a KV stream of its
+own (`seq_ctx` positions), and what questions share is evaluated once and copied, not recomputed:
+- the system prompt before the image ("<system> USER: "), kept on a sequence of its own;
+- "<system> USER: <image>" for the last `image_prefixes` images (LRU), so the questions about one image
+  (POPE asks six) evaluate only their own text;
 - each distinct image is encoded once (edge/image_cache.py).
 
-Greedy answers are the one-at-a-time path's (`VisionModel.ask`): every prompt is fed with the same
-decodes as a fresh ChatSession (one per segment, the same n_batch), the prefix is shared only when it
-is the whole first segment, and a generation row's arithmetic does not depend on its neighbours.
+Greedy answers are the one-at-a-time path's (`VisionModel.ask`) token for token: every prompt is fed
+with the same decodes as a fresh ChatSession (one per segment, the same n_batch), a sequence's cells
+stay in position order in its own stream, and a generation row's arithmetic does not depend on its
+neighbours for the quantized types (an f16/f32 model's batched matmul may round differently: BENCHMARKS.md).
 tests/edge/test_batch.py checks the identity; bench/speed/batch_speed.py measures the gain.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
-
-import numpy as np
 
 from factedge.edge.answer import Answer, TurnStats
 from factedge.edge.errors import ConfigError, ContextFullError, FactedgeError, InputError
 from factedge.edge.image import ImageSource
-from factedge.edge.image_cache import ImageCache
+from factedge.edge.image_cache import ChatImage, ImageCache
 from factedge.edge.prompt import SYSTEM, Conversation, Turn, prompt_pieces
 from factedge.edge.runtime import MAX_SEQ, Context, ContextOptions
 from factedge.edge.sampling import Sampler, SamplingOptions
@@ -42,14 +45,15 @@ class BatchOptions:
     n_batch: int = 512  # as SessionOptions.n_batch: the prompt decodes of the one-at-a-time path
     kv_type: str = "f16"
     image_cache: int = 16  # distinct image embeddings kept (LRU)
+    image_prefixes: int = 2  # "<system> USER: <image>" prompts kept in the KV pool for later questions (LRU)
     system: str = SYSTEM
 
     def check(self) -> "BatchOptions":
         if not 1 <= self.parallel < MAX_SEQ:
             raise ConfigError(f"parallel must be in [1, {MAX_SEQ - 1}], not {self.parallel}")
         ContextOptions(n_ctx=self.seq_ctx, n_batch=self.n_batch, kv_type=self.kv_type).check()
-        if self.image_cache < 0:
-            raise ConfigError("image_cache must be >= 0")
+        if self.image_cache < 0 or not 0 <= self.image_prefixes < MAX_SEQ - self.parallel:
+            raise ConfigError(f"image_cache must be >= 0 and image_prefixes in [0, {MAX_SEQ - self.parallel - 1}]")
         return self
 
 
@@ -94,9 +98,16 @@ class BatchSession:
         self.model = vision.model
         self._prefix = self._image_prefix()
         self._prefix_seq = o.parallel  # a sequence of its own holds the shared prefix
-        n_ctx = o.parallel * o.seq_ctx + len(self._prefix)
+        # then one sequence per kept image prompt: image key -> (sequence, positions)
+        self._slots: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        n_ctx = (o.parallel + o.image_prefixes) * o.seq_ctx + len(self._prefix)
         self.ctx = Context(self.model, ContextOptions(n_ctx=n_ctx, n_batch=o.n_batch, n_threads=vision.options.threads,
-                                                      kv_type=o.kv_type, n_seq=o.parallel + 1))
+                                                      kv_type=o.kv_type, n_seq=o.parallel + 1 + o.image_prefixes))
+        room = self.ctx.n_ctx_seq
+        if room < o.seq_ctx:
+            self.ctx.close()
+            raise ConfigError(f"seq_ctx {o.seq_ctx} is more than one sequence can hold here ({room} positions: "
+                              "the model's trained context)", self.model.path)
         if vision.adapter:
             self.ctx.set_adapters([(vision.adapter, vision.options.adapter_scale)])
         self._images = ImageCache(vision, o.image_cache)
@@ -120,7 +131,7 @@ class BatchSession:
             raise FactedgeError("this batch session is closed")
         pending = enumerate(requests)
         live: list[_Live] = []
-        free = list(range(self.options.parallel - 1, -1, -1))
+        free = list(range(self.options.parallel))  # a heap: the lowest free id first keeps live ids consecutive
         exhausted = False
         try:
             while True:
@@ -129,15 +140,16 @@ class BatchSession:
                     if item is None:
                         exhausted = True
                         break
-                    seq = free.pop()
+                    seq = heapq.heappop(free)
                     started = self._start(item[0], item[1], seq)
                     if isinstance(started, Outcome):  # refused, or finished at its first token
-                        free.append(seq)
+                        heapq.heappush(free, seq)
                         yield started
                     else:
                         live.append(started)
                 if not live:
                     return
+                live.sort(key=lambda s: s.seq)
                 self.ctx.step_rows([(s.seq, s.pos, s.tokens[-1]) for s in live])
                 for s in live:
                     s.pos += 1
@@ -148,7 +160,7 @@ class BatchSession:
                         still.append(s)
                     else:
                         self.ctx.seq_forget(s.seq)
-                        free.append(s.seq)
+                        heapq.heappush(free, s.seq)
                         yield done
                 live = still
         finally:
@@ -164,7 +176,7 @@ class BatchSession:
         try:
             sampling = (request.sampling or self.vision.options.sampling).check()
             segments = self._segments(request, stats)
-            n = sum(len(s) for s in segments)
+            n = sum(_positions(s) for s in segments)
             if n + sampling.max_tokens > self.options.seq_ctx:
                 raise ContextFullError(f"the question needs {n} prompt + {sampling.max_tokens} answer positions but "
                                        f"one sequence holds {self.options.seq_ctx} (seq_ctx)")
@@ -189,21 +201,43 @@ class BatchSession:
         if sum(p is None for p in pieces) != len(images):
             raise InputError("a message must not contain the image marker '<image>' itself")
         it = iter(images)
-        return [next(it).embedding if p is None else p for p in pieces]
+        return [next(it) if p is None else p for p in pieces]
 
     def _feed(self, seq: int, segments: list) -> int:
-        """Evaluate the prompt; a first segment equal to the shared prefix is taken from its sequence.
-        Returns the positions reused."""
-        first = segments[0]
-        if not isinstance(first, np.ndarray) and list(first) == self._prefix and len(segments) > 1:
-            if not self._prefix_ready:
-                self.ctx.feed_seq(self._prefix_seq, 0, [self._prefix])
-                self._prefix_ready = True
-            self.ctx.seq_copy(self._prefix_seq, seq, len(self._prefix))
-            self.ctx.feed_seq(seq, len(self._prefix), segments[1:])
-            return len(self._prefix)
-        self.ctx.feed_seq(seq, 0, segments)
-        return 0
+        """Evaluate the prompt into `seq`, taking what it shares from the kept sequences: the system
+        prompt when it is the whole first segment, and "<system> USER: <image>" when that image's
+        prompt is kept. Returns the positions reused."""
+        if isinstance(segments[0], ChatImage) or list(segments[0]) != self._prefix or len(segments) < 2:
+            self.ctx.feed_seq(seq, 0, _arrays(segments))
+            return 0
+        if not self._prefix_ready:
+            self.ctx.feed_seq(self._prefix_seq, 0, [self._prefix])
+            self._prefix_ready = True
+        shared, end = self._prefix_seq, len(self._prefix)
+        if isinstance(segments[1], ChatImage) and len(segments) > 2 and self.options.image_prefixes:
+            shared, end = self._image_slot(segments[1])
+            segments = segments[1:]
+        self.ctx.seq_copy(shared, seq)
+        self.ctx.feed_seq(seq, end, _arrays(segments[1:]))
+        return end
+
+    def _image_slot(self, image: ChatImage) -> tuple[int, int]:
+        """(sequence, positions) holding "<system> USER: <image>", evaluated once per kept image."""
+        if image.key in self._slots:
+            self._slots.move_to_end(image.key)
+            return self._slots[image.key]
+        used = {seq for seq, _ in self._slots.values()}
+        first = self._prefix_seq + 1
+        free = [q for q in range(first, first + self.options.image_prefixes) if q not in used]
+        if free:
+            seq = free[0]
+        else:  # the least recently used image gives its sequence up; sequences that copied it keep their cells
+            seq = self._slots.popitem(last=False)[1][0]
+            self.ctx.seq_forget(seq)
+        self.ctx.seq_copy(self._prefix_seq, seq)
+        end = self.ctx.feed_seq(seq, len(self._prefix), [image.embedding])
+        self._slots[image.key] = (seq, end)
+        return seq, end
 
     def _next_token(self, s: _Live, row: int) -> Outcome | None:
         """Sample from `row`'s logits; an Outcome when the answer is finished, else None (the token
@@ -240,3 +274,12 @@ class BatchSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _positions(segment) -> int:
+    return segment.embedding.shape[0] if isinstance(segment, ChatImage) else len(segment)
+
+
+def _arrays(segments: list) -> list:
+    """Segments as Context.feed_seq takes them: token ids, or embeddings for an image."""
+    return [s.embedding if isinstance(s, ChatImage) else s for s in segments]

@@ -193,7 +193,7 @@ class ContextOptions:
     n_threads: int = 0  # 0: llama.cpp's default (4), capped at the CPUs this process may use
     kv_type: str = "f16"  # KV cache precision; "f32" for exact parity checks
     flash_attn: bool | None = None  # None: llama.cpp decides; False for exact parity checks
-    n_seq: int = 1  # sequences decoded together (edge/batch.py); > 1: one KV pool shared by all of them
+    n_seq: int = 1  # sequences decoded together (edge/batch.py); each gets n_ctx / n_seq positions of its own
 
     def check(self) -> "ContextOptions":
         """Bounds llama.cpp asserts on (or crashes past) instead of returning an error."""
@@ -228,8 +228,11 @@ class Context(OwnedHandle):
         else:  # llama.cpp's default (4), but never more threads than CPUs: pool workers poll
             params.n_threads = params.n_threads_batch = min(params.n_threads, _usable_cpus())
         params.type_k = params.type_v = _KV_TYPES[self.options.kv_type]
+        # one KV stream per sequence (not llama.cpp's unified pool): a sequence's cells stay in position
+        # order, as in a one-sequence context, so its attention sums in the same order and gives the same
+        # numbers (in a shared pool, cells freed by one sequence are reused out of order by the others)
         params.n_seq_max = self.options.n_seq
-        params.kv_unified = self.options.n_seq > 1  # one pool: a shared prefix is stored once for all
+        params.kv_unified = False
         if self.options.flash_attn is not None:
             params.flash_attn_type = int(self.options.flash_attn)
         params.no_perf = False  # keep llama.cpp's own decode timers (`perf`): a few clock reads per decode
@@ -260,6 +263,11 @@ class Context(OwnedHandle):
     @property
     def n_ctx(self) -> int:
         return _llama.llama_n_ctx(self._live())
+
+    @property
+    def n_ctx_seq(self) -> int:
+        """Positions one sequence may hold (n_ctx / n_seq, capped by llama.cpp at the trained context)."""
+        return _llama.llama_n_ctx_seq(self._live())
 
     def set_adapters(self, adapters: Sequence[tuple[LoraAdapter, float]]) -> None:
         """Apply these LoRA adapters with these scales (empty: the base model)."""
@@ -362,7 +370,8 @@ class Context(OwnedHandle):
 
     def step_rows(self, rows: Sequence[tuple[int, int, int]]) -> None:
         """One decode of (sequence, position, token) rows, every row's logits kept for the sampler
-        (row i at index i): one generated token for each of several sequences at once."""
+        (row i at index i): one generated token for each of several sequences at once. llama.cpp
+        computes consecutive sequence ids together (3, 4, 5), so give the rows in sequence order."""
         self._live()
         if any(not 0 <= tok < self.model.n_vocab for _, _, tok in rows):
             raise InputError(f"a token id is outside the vocabulary (0..{self.model.n_vocab - 1})", self.model.path)
@@ -378,9 +387,9 @@ class Context(OwnedHandle):
         finally:
             _llama.llama_batch_free(batch)
 
-    def seq_copy(self, src: int, dst: int, end: int) -> None:
-        """Let sequence `dst` see `src`'s positions [0, end) (shared cells, nothing recomputed)."""
-        _llama.llama_memory_seq_cp(_llama.llama_get_memory(self._live()), src, dst, 0, end)
+    def seq_copy(self, src: int, dst: int) -> None:
+        """Make sequence `dst` a copy of all of `src` (its KV stream copied, nothing recomputed)."""
+        _llama.llama_memory_seq_cp(_llama.llama_get_memory(self._live()), src, dst, 0, -1)
 
     def seq_forget(self, seq: int) -> None:
         """Drop every position of sequence `seq` (cells another sequence shares stay)."""

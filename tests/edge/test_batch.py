@@ -55,11 +55,12 @@ def serial(vision):
     return [vision.ask(r.question, r.image, r.sampling) for r in _requests()]
 
 
-@pytest.mark.parametrize("parallel", [1, 3, 8])
-def test_batched_answers_are_the_serial_ones(vision, serial, parallel):
+@pytest.mark.parametrize("parallel, image_prefixes", [(1, 2), (3, 0), (3, 1), (8, 2), (8, 4)])
+def test_batched_answers_are_the_serial_ones(vision, serial, parallel, image_prefixes):
+    """Three images over 11 questions: with 1 kept image prompt every image change evicts, with 4 none do."""
     from factedge.edge.batch import BatchOptions, BatchSession
 
-    with BatchSession(vision, BatchOptions(parallel=parallel, seq_ctx=400)) as batch:
+    with BatchSession(vision, BatchOptions(parallel=parallel, seq_ctx=400, image_prefixes=image_prefixes)) as batch:
         outcomes = batch.answer_all(_requests())
     assert [o.index for o in outcomes] == list(range(len(serial)))
     for o, ref in zip(outcomes, serial):
@@ -69,17 +70,22 @@ def test_batched_answers_are_the_serial_ones(vision, serial, parallel):
     assert sum(len(o.answer.tokens) for o in outcomes) > 5 * len(serial)  # real generation, not early stops
 
 
-def test_prefix_and_images_are_shared(vision):
+@pytest.mark.parametrize("image_prefixes", [0, 2])
+def test_prefix_and_images_are_shared(vision, image_prefixes):
+    """The system prompt is evaluated once for all; with kept image prompts the image rows are too."""
     from factedge.edge.batch import BatchOptions, BatchSession, Request
 
     img = _image(11)
-    with BatchSession(vision, BatchOptions(parallel=4, seq_ctx=400)) as batch:
+    options = BatchOptions(parallel=4, seq_ctx=400, image_prefixes=image_prefixes)
+    with BatchSession(vision, options) as batch:
         outcomes = batch.answer_all([Request(f"Question {i}?", img) for i in range(6)])
-        prefix = len(batch._prefix)
+        system = len(batch._image_prefix())
     stats = [o.answer.stats for o in outcomes]
     assert sum(s.images_encoded for s in stats) == 1 and sum(s.images_reused for s in stats) == 5
-    assert prefix > 20 and all(s.prompt_reused == prefix for s in stats)
-    assert all(s.prompt_tokens == s.prompt_total - prefix for s in stats)
+    n_image = vision.encoder.encode(np.zeros((4, 4, 3), np.uint8)).shape[0]
+    shared = system + (n_image if image_prefixes else 0)
+    assert system > 20 and all(s.prompt_reused == shared for s in stats)
+    assert all(s.prompt_tokens == s.prompt_total - shared for s in stats)
 
 
 def test_sequences_are_freed_for_the_next_questions(vision, serial):
@@ -123,6 +129,7 @@ def test_options_are_checked(vision):
     from factedge.edge.batch import BatchOptions, BatchSession
 
     for bad in (BatchOptions(parallel=0), BatchOptions(parallel=1000), BatchOptions(seq_ctx=4),
-                BatchOptions(kv_type="q2")):
+                BatchOptions(kv_type="q2"), BatchOptions(image_prefixes=-1), BatchOptions(parallel=200, image_prefixes=60),
+                BatchOptions(seq_ctx=100_000)):  # past the model's trained context
         with pytest.raises(ConfigError):
             BatchSession(vision, bad)
