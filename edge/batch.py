@@ -74,6 +74,22 @@ class Outcome:
 
 
 @dataclass
+class BatchStats:
+    """Totals over a session's life: where the time went (prompts vs batched decode steps)."""
+
+    prompt_s: float = 0.0
+    prompt_positions: int = 0  # evaluated (shared positions not counted)
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def decode_tps(self) -> float:
+        """Aggregate generation speed: tokens of all sequences per second of decoding."""
+        return self.generated_tokens / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
 class _Live:
     """A question being answered on sequence `seq`."""
 
@@ -112,6 +128,7 @@ class BatchSession:
             self.ctx.set_adapters([(vision.adapter, vision.options.adapter_scale)])
         self._images = ImageCache(vision, o.image_cache)
         self._prefix_ready = False
+        self.stats = BatchStats()
 
     def _image_prefix(self) -> list[int]:
         """The token ids before the image in every image question: "<BOS><system> USER: "."""
@@ -150,7 +167,10 @@ class BatchSession:
                 if not live:
                     return
                 live.sort(key=lambda s: s.seq)
+                step = time.perf_counter()
                 self.ctx.step_rows([(s.seq, s.pos, s.tokens[-1]) for s in live])
+                self.stats.decode_s += time.perf_counter() - step
+                self.stats.decode_steps += 1
                 for s in live:
                     s.pos += 1
                 still: list[_Live] = []
@@ -184,6 +204,8 @@ class BatchSession:
             stats.prompt_reused = self._feed(seq, segments)
             stats.prompt_s = time.perf_counter() - start
             stats.prompt_total, stats.prompt_tokens = n, n - stats.prompt_reused
+            self.stats.prompt_s += stats.prompt_s
+            self.stats.prompt_positions += stats.prompt_tokens
         except FactedgeError as error:
             self.ctx.seq_forget(seq)
             return Outcome(index, error=error)
@@ -260,6 +282,7 @@ class BatchSession:
         s.text.finish()
         s.stats.generate_s = time.perf_counter() - s.started
         s.stats.generated_tokens = len(s.tokens)
+        self.stats.generated_tokens += len(s.tokens)
         return Outcome(s.index, Answer(s.text.text.strip(), s.tokens, s.stats, reason))
 
     @property

@@ -45,7 +45,7 @@ def make_images(folder: Path, n: int, size: int) -> list[Path]:
     return out
 
 
-def run_serial(vision, items, n_predict: int) -> tuple[list, float]:
+def run_serial(vision, items, n_predict: int) -> tuple[list, float, float]:
     from factedge.edge.chat import ChatSession, SessionOptions
     from factedge.edge.sampling import SamplingOptions
 
@@ -56,10 +56,10 @@ def run_serial(vision, items, n_predict: int) -> tuple[list, float]:
         for q, image in items:
             chat.reset()
             answers.append(chat.ask(q, image, sampling))
-        return answers, time.perf_counter() - start
+        return answers, time.perf_counter() - start, sum(a.stats.generate_s for a in answers)
 
 
-def run_batched(vision, items, n_predict: int, parallel: int, seq_ctx: int) -> tuple[list, float]:
+def run_batched(vision, items, n_predict: int, parallel: int, seq_ctx: int) -> tuple[list, float, float]:
     from factedge.edge.batch import BatchOptions, BatchSession, Request
     from factedge.edge.sampling import SamplingOptions
 
@@ -71,7 +71,7 @@ def run_batched(vision, items, n_predict: int, parallel: int, seq_ctx: int) -> t
     for o in outcomes:
         if o.error is not None:
             raise o.error
-    return [o.answer for o in outcomes], wall
+    return [o.answer for o in outcomes], wall, batch.stats.decode_s
 
 
 def run_server(binary: Path, files, items, n_predict: int, parallel: int, seq_ctx: int,
@@ -86,13 +86,20 @@ def run_server(binary: Path, files, items, n_predict: int, parallel: int, seq_ct
         return texts, time.perf_counter() - start
 
 
-def figures(name: str, answers, wall: float, serial_wall: float, reference) -> dict:
+def figures(name: str, answers, wall: float, decode_s: float | None, serial: dict | None, reference) -> dict:
+    """Whole-set figures (wall clock) and decode-only ones (generated tokens / seconds of decoding)."""
     tokens = sum(len(a.tokens) for a in answers) if reference is not None else None
     same = sum(a.tokens == r.tokens for a, r in zip(answers, reference)) if reference is not None else None
-    return {"run": name, "questions": len(answers), "wall_s": round(wall, 2),
-            "questions_per_min": round(60 * len(answers) / wall, 1),
-            "generated_tokens": tokens, "tokens_per_s": round(tokens / wall, 2) if tokens else None,
-            "speedup_vs_serial": round(serial_wall / wall, 2), "identical_to_serial": same}
+    row = {"run": name, "questions": len(answers), "wall_s": round(wall, 2),
+           "questions_per_min": round(60 * len(answers) / wall, 1), "generated_tokens": tokens,
+           "tokens_per_s": round(tokens / wall, 2) if tokens else None,
+           "decode_tokens_per_s": round(tokens / decode_s, 2) if tokens and decode_s else None,
+           "identical_to_serial": same}
+    serial = serial or row
+    row["speedup_vs_serial"] = round(serial["wall_s"] / wall, 2)
+    if row["decode_tokens_per_s"] and serial.get("decode_tokens_per_s"):
+        row["decode_speedup_vs_serial"] = round(row["decode_tokens_per_s"] / serial["decode_tokens_per_s"], 2)
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,25 +131,28 @@ def main(argv: list[str] | None = None) -> None:
         images = make_images(args.out / "batch-images", args.images, vision.image_size)
         items = questions(args.questions, images)
         run_serial(vision, items[:1], 4)  # warm-up: page the weights in, spin the thread pool up
-        serial, serial_wall = run_serial(vision, items, args.n_predict)
-        rows = [figures("serial", serial, serial_wall, serial_wall, serial)]
+        serial, serial_wall, serial_decode = run_serial(vision, items, args.n_predict)
+        base = figures("serial", serial, serial_wall, serial_decode, None, serial)
+        rows = [base]
         for n in args.parallel:
-            answers, wall = run_batched(vision, items, args.n_predict, n, args.seq_ctx)
-            rows.append(figures(f"factedge parallel {n}", answers, wall, serial_wall, serial))
+            answers, wall, decode_s = run_batched(vision, items, args.n_predict, n, args.seq_ctx)
+            rows.append(figures(f"factedge parallel {n}", answers, wall, decode_s, base, serial))
             if args.server:
                 texts, swall = run_server(args.server, vision.files, items, args.n_predict, n, args.seq_ctx,
                                           args.threads)
-                row = figures(f"llama-server --parallel {n}", texts, swall, serial_wall, None)
+                row = figures(f"llama-server --parallel {n}", texts, swall, None, base, None)
                 row["same_text_as_serial"] = sum(t == a.text for t, a in zip(texts, serial))
                 rows.append(row)
     print(f"bundle {bundle} ({args.quant}), {args.questions} questions over {args.images} images, "
           f"{args.n_predict} new tokens each, {args.threads} threads")
-    print("| run | questions/min | gen tokens/s (aggregate) | x serial | identical to serial |")
-    print("|---|---:|---:|---:|---:|")
+    print("| run | questions/min | x serial | gen tokens/s, whole set | decode tokens/s | decode x serial "
+          "| identical to serial |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         same = r["identical_to_serial"] if r["identical_to_serial"] is not None else r.get("same_text_as_serial")
-        tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else "–"
-        print(f"| {r['run']} | {r['questions_per_min']:.1f} | {tps} | {r['speedup_vs_serial']:.2f} | "
+        cell = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+        print(f"| {r['run']} | {r['questions_per_min']:.1f} | {r['speedup_vs_serial']:.2f} | {cell(r['tokens_per_s'])} "
+              f"| {cell(r['decode_tokens_per_s'])} | {cell(r.get('decode_speedup_vs_serial'))} | "
               f"{same}/{r['questions']} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

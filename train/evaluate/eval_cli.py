@@ -41,6 +41,8 @@ def _model_options(func):
         click.option("--n-ctx", type=int, default=2048, show_default=True),
         click.option("--reuse-kv/--no-reuse-kv", default=True, show_default=True,
                      help="keep the system prompt + image in the KV cache between questions on the same image"),
+        click.option("--parallel", type=click.IntRange(1, 64), default=4, show_default=True,
+                     help="questions a bundle decodes together (same answers; KV memory grows with it)"),
         click.option("--json", "json_out", type=click.Path(path_type=Path), help="write all results to this JSON file"),
     ]
     for option in reversed(options):
@@ -55,7 +57,7 @@ def _model_options(func):
                                     kw.pop("torch_checkpoint"), adapter, kw.pop("vision_tower"))
         kw.pop("adapter")
         kw["edge"] = EdgeOptions(threads=kw.pop("threads"), n_gpu_layers=kw.pop("n_gpu_layers"),
-                                 n_ctx=kw.pop("n_ctx"), reuse_prefix=kw.pop("reuse_kv"))
+                                 n_ctx=kw.pop("n_ctx"), reuse_prefix=kw.pop("reuse_kv"), parallel=kw.pop("parallel"))
         return func(**kw)
 
     return wrapper

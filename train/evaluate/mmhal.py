@@ -120,12 +120,11 @@ def run_mmhal(backend: Backend, items: Sequence[MMHalItem], judge: "Judge", opti
     """Answer every item greedily, have the judge rate it, summarise."""
     options = options or MMHalOptions()
     items = list(items)[: options.limit] if options.limit is not None else list(items)
+    gens = backend.answer_many([(item.image, item.question + options.prompt_suffix) for item in items],
+                               options.max_tokens, progress)
     records = []
-    for i, item in enumerate(items):
-        gen = backend.answer(item.image, item.question + options.prompt_suffix, options.max_tokens)
+    for item, gen in zip(items, gens):
         verdict = judge.score(item, gen.text)
         records.append(MMHalRecord(item.index, item.question_type, item.question, gen.text, verdict.score,
                                    verdict.hallucinated, verdict.parsed, verdict.explanation, len(gen.tokens)))
-        if progress:
-            progress(i + 1, len(items))
     return MMHalResult(records, MMHalSummary.compute(records), judge.name, backend.speed())

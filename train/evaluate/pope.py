@@ -156,11 +156,8 @@ def run_pope(backend: Backend, items: Sequence[PopeItem], options: PopeOptions |
     """Ask every item greedily, parse, score."""
     options = options or PopeOptions()
     items = limit_per_split(items, options.limit)
-    records = []
-    for i, item in enumerate(items):
-        gen = backend.answer(item.image, item.text + options.prompt_suffix, options.max_tokens)
-        records.append(PopeRecord(item.question_id, item.split, item.label, gen.text, parse_yes_no(gen.text),
-                                  len(gen.tokens)))
-        if progress:
-            progress(i + 1, len(items))
+    gens = backend.answer_many([(item.image, item.text + options.prompt_suffix) for item in items], options.max_tokens,
+                               progress)
+    records = [PopeRecord(item.question_id, item.split, item.label, gen.text, parse_yes_no(gen.text), len(gen.tokens))
+               for item, gen in zip(items, gens)]
     return PopeResult(records, pope_metrics(records), backend.speed())

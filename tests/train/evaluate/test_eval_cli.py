@@ -83,6 +83,24 @@ def test_pope_compare_with_torch(shapes, bundle, tiny_llava_rlhf, tmp_path):
     assert sum(a == b for a, b in zip(torch_answers, f16_answers)) >= len(f16_answers) // 2
 
 
+def test_parallel_decoding_changes_no_answer(shapes, bundle, tmp_path):
+    """POPE and MMHal through the batch engine (3 at once, kept image prompts) give the one-by-one records."""
+    docs = {}
+    for bench, args in (("pope", [str(shapes / "shapes_pope_random.jsonl"), str(shapes / "shapes_pope_adversarial.jsonl")]),
+                        ("mmhal", [str(shapes / "mmhal.json"), "--judge", "world"])):
+        for parallel in ("1", "3"):
+            out = tmp_path / f"{bench}-{parallel}.json"
+            assert run(["eval", bench, *args, "--model", str(bundle), "--quant", "Q8_0", "--max-tokens", "6",
+                        "--threads", "1", "--parallel", parallel, "--json", str(out)]) == 0
+            docs[bench, parallel] = json.loads(out.read_text())["runs"][0]["result"]
+    for bench in ("pope", "mmhal"):
+        one, many = docs[bench, "1"], docs[bench, "3"]
+        assert one["records"] == many["records"] and len(one["records"]) in (16, 8)
+        assert sum(r["tokens"] for r in many["records"]) > len(many["records"])  # not all empty
+        assert many["speed"]["generated_tokens"] == one["speed"]["generated_tokens"]
+    assert docs["pope", "1"]["metrics"] == docs["pope", "3"]["metrics"]
+
+
 def test_mmhal_world_judge(shapes, bundle, tmp_path):
     from factedge.train.world.judge import judge
     from factedge.train.world.scene import Scene
