@@ -20,10 +20,11 @@ tests/edge/test_batch.py checks the identity; bench/speed/batch_speed.py measure
 from __future__ import annotations
 
 import heapq
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from factedge.edge.answer import Answer, TurnStats
 from factedge.edge.errors import ConfigError, ContextFullError, FactedgeError, InputError
@@ -59,9 +60,18 @@ class BatchOptions:
 
 @dataclass
 class Request:
+    """One question, with the chat before it when there is one (a server's client sends its history)."""
+
     question: str
-    image: ImageSource | None = None
+    image: ImageSource | list[ImageSource] | None = None  # a list: several images in this turn
     sampling: SamplingOptions | None = None  # None: the VisionModel's sampling options
+    system: str | None = None  # None: BatchOptions.system
+    history: Sequence[tuple[str, str, Sequence[ImageSource]]] = ()  # earlier (user, assistant, images) turns
+    on_piece: Callable[[str], None] | None = None  # called with each piece of answer text as it is decoded
+    cancel: threading.Event | None = None  # set it to stop the answer where it is (finish_reason "cancelled")
+
+
+END = object()  # what a `serve` source returns when no request will come any more
 
 
 @dataclass
@@ -94,6 +104,7 @@ class _Live:
     """A question being answered on sequence `seq`."""
 
     index: int
+    request: Request
     seq: int
     pos: int  # the next free position of the sequence
     sampling: SamplingOptions
@@ -144,18 +155,26 @@ class BatchSession:
     def run(self, requests: Iterable[Request]) -> Iterator[Outcome]:
         """Answer `requests`, yielding each outcome as it finishes (completion order). Requests are
         read lazily, so a long input (a folder, a JSONL file) is never held in memory at once."""
+        items = enumerate(requests)
+        return self.serve(lambda wait: next(items, END))
+
+    def serve(self, take: Callable[[bool], "tuple[int, Request] | None | object"]) -> Iterator[Outcome]:
+        """The loop behind `run`, fed by `take(wait)`: an (index, request) pair, None when nothing is
+        waiting (asked with wait=False while other answers are being decoded) or END. A server's
+        worker thread passes a queue here (edge/batch_worker.py)."""
         if self.ctx.closed:
             raise FactedgeError("this batch session is closed")
-        pending = enumerate(requests)
         live: list[_Live] = []
         free = list(range(self.options.parallel))  # a heap: the lowest free id first keeps live ids consecutive
         exhausted = False
         try:
             while True:
                 while free and not exhausted:
-                    item = next(pending, None)
-                    if item is None:
+                    item = take(not live)
+                    if item is END:
                         exhausted = True
+                        break
+                    if item is None:
                         break
                     seq = heapq.heappop(free)
                     started = self._start(item[0], item[1], seq)
@@ -209,7 +228,7 @@ class BatchSession:
         except FactedgeError as error:
             self.ctx.seq_forget(seq)
             return Outcome(index, error=error)
-        live = _Live(index, seq, n, sampling, Sampler(sampling, self.model.n_vocab), stats, TextStream(sampling.stop),
+        live = _Live(index, request, seq, n, sampling, Sampler(sampling, self.model.n_vocab), stats, TextStream(sampling.stop),
                      started=time.perf_counter())
         done = self._next_token(live, -1)
         if done is not None:
@@ -217,9 +236,14 @@ class BatchSession:
         return live if done is None else done
 
     def _segments(self, request: Request, stats: TurnStats) -> list:
-        images = [] if request.image is None else [self._images.encode(request.image, stats)]
-        text = Conversation(self.options.system, [Turn(request.question, None, len(images))]).text()
-        pieces = prompt_pieces(text, self.model.tokenize)
+        """The prompt a fresh ChatSession would feed for this chat: token ids, ChatImage for images."""
+        turns = [Turn(u, a, len(ims)) for u, a, ims in request.history]
+        current = request.image if isinstance(request.image, list) else [] if request.image is None else [request.image]
+        sources = [im for _, _, ims in request.history for im in ims] + current
+        images = [self._images.encode(src, stats) for src in sources]
+        turns.append(Turn(request.question, None, len(current)))
+        system = self.options.system if request.system is None else request.system
+        pieces = prompt_pieces(Conversation(system, turns).text(), self.model.tokenize)
         if sum(p is None for p in pieces) != len(images):
             raise InputError("a message must not contain the image marker '<image>' itself")
         it = iter(images)
@@ -266,11 +290,15 @@ class BatchSession:
         is fed with the next step). Mirrors ChatSession's generation loop token for token."""
         if len(s.tokens) >= s.sampling.max_tokens:
             return self._finish(s, "length")
+        if s.request.cancel is not None and s.request.cancel.is_set():
+            return self._finish(s, "cancelled")
         tok = s.sampler.sample(self.ctx.ptr, row)
         if self.model.is_eog(tok):
             return self._finish(s, "stop")
         s.tokens.append(tok)
-        s.text.push(self.model.piece(tok))
+        piece = s.text.push(self.model.piece(tok))
+        if piece and s.request.on_piece is not None:
+            s.request.on_piece(piece)
         if s.text.stopped:
             return self._finish(s, "stop")
         if len(s.tokens) >= s.sampling.max_tokens:
@@ -279,7 +307,9 @@ class BatchSession:
 
     def _finish(self, s: _Live, reason: str) -> Outcome:
         s.sampler.close()
-        s.text.finish()
+        tail = s.text.finish()
+        if tail and s.request.on_piece is not None:
+            s.request.on_piece(tail)
         s.stats.generate_s = time.perf_counter() - s.started
         s.stats.generated_tokens = len(s.tokens)
         self.stats.generated_tokens += len(s.tokens)

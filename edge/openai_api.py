@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from factedge.edge.batch import Request
 from factedge.edge.chat import ChatSession, SessionOptions
 from factedge.edge.errors import InputError
 from factedge.edge.image_access import ImageAccess, RemoteImageError  # noqa: F401 (re-exported: callers catch it)
@@ -148,16 +149,26 @@ def create_chat_completion(chat: VisionModel, messages: list, *, stream: bool = 
         if own:
             session.close()
         raise
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model or model_id(chat)}
+    meta = completion_meta(model or model_id(chat))
     chunks = _chunks(session, pieces, meta, own)
     if stream:
         return chunks
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    answer = session.last_answer
-    return {**meta, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": answer.finish_reason, "logprobs": None}],
-            "usage": _usage(answer)}
+    return completion(meta, text, session.last_answer)
+
+
+def batch_request(chat: VisionModel, messages: list, *, image_access: ImageAccess = ImageAccess(),
+                  max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                  top_k: int | None = None, stop: str | list[str] | None = None, seed: int | None = None,
+                  repeat_penalty: float | None = None) -> Request:
+    """The same messages and parameters as `create_chat_completion`, as a request for the batch engine
+    (edge/batch.py): the prompt it builds is the one a fresh ChatSession builds for them."""
+    system, turns = parse_messages(messages, image_access)
+    sampling = sampling_options(chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                stop=stop, seed=seed, repeat_penalty=repeat_penalty)
+    last = turns[-1]
+    return Request(last.user, list(last.images) or None, sampling, system,
+                   [(t.user, t.assistant, list(t.images)) for t in turns[:-1]])
 
 
 def _start(session: ChatSession, system: str | None, turns: list[_Turn], sampling: SamplingOptions) -> Iterator[str]:
@@ -170,25 +181,42 @@ def _start(session: ChatSession, system: str | None, turns: list[_Turn], samplin
     return session.stream(last.user, last.images or None, sampling)
 
 
-def _chunks(session: ChatSession, pieces: Iterator[str], meta: dict, own: bool) -> Iterator[dict]:
-    def chunk(delta: dict, finish: str | None = None) -> dict:
-        return {**meta, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+def completion_meta(model: str) -> dict:
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
 
+
+def chunk(meta: dict, delta: dict, finish: str | None = None) -> dict:
+    """One "chat.completion.chunk" of a stream."""
+    return {**meta, "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+
+def last_chunk(meta: dict, answer) -> dict:
+    return {**chunk(meta, {}, answer.finish_reason), "usage": usage(answer)}
+
+
+def completion(meta: dict, text: str, answer) -> dict:
+    """The non-streamed "chat.completion" of an answer."""
+    return {**meta, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": answer.finish_reason, "logprobs": None}],
+            "usage": usage(answer)}
+
+
+def _chunks(session: ChatSession, pieces: Iterator[str], meta: dict, own: bool) -> Iterator[dict]:
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        yield chunk(meta, {"role": "assistant", "content": ""})
         for piece in pieces:
-            yield chunk({"content": piece})
+            yield chunk(meta, {"content": piece})
         pieces.close()
-        answer = session.last_answer
-        yield {**chunk({}, answer.finish_reason), "usage": _usage(answer)}
+        yield last_chunk(meta, session.last_answer)
     finally:
         pieces.close()
         if own:
             session.close()
 
 
-def _usage(answer) -> dict:
+def usage(answer) -> dict:
     prompt = answer.stats.prompt_total
     return {"prompt_tokens": prompt, "completion_tokens": answer.stats.generated_tokens,
             "total_tokens": prompt + answer.stats.generated_tokens}

@@ -26,11 +26,15 @@ from factedge.edge.cli_options import model_options, n_ctx_option, open_vision, 
               help="seconds any one read or write on a client connection may take")
 @click.option("--max-connections", type=int, default=32, show_default=True,
               help="open connections; more are refused with 503")
+@click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="requests decoded together (1: one at a time, with KV reuse across a client's turns)")
+@click.option("--seq-ctx", type=int, default=2048, show_default=True,
+              help="with --parallel > 1: positions each request may use (history, images and answer)")
 @n_ctx_option
 @runtime_options
 @click.option("--verbose", is_flag=True, help="log every request to stderr")
 def serve(model, mmproj, adapter, quant, host, port, api_key, max_request_bytes, max_queue, allow_dirs,
-          allowed_hosts, socket_timeout, max_connections, n_ctx, threads, n_gpu_layers, verbose):
+          allowed_hosts, socket_timeout, max_connections, parallel, seq_ctx, n_ctx, threads, n_gpu_layers, verbose):
     """Serve /v1/chat/completions and /v1/models (OpenAI-compatible) for a converted model."""
     from factedge.edge.chat import SessionOptions
     from factedge.edge.server import ChatServer, ServerOptions
@@ -39,7 +43,7 @@ def serve(model, mmproj, adapter, quant, host, port, api_key, max_request_bytes,
     options = ServerOptions(host=host, port=port, api_key=api_key, max_request_bytes=max_request_bytes,
                             max_queue=max_queue, session=SessionOptions(n_ctx=n_ctx), allow_dirs=tuple(allow_dirs),
                             allowed_hosts=tuple(allowed_hosts), socket_timeout_s=socket_timeout,
-                            max_connections=max_connections).check()
+                            max_connections=max_connections, parallel=parallel, seq_ctx=seq_ctx).check()
     log = (lambda line: click.echo(line, err=True)) if verbose else None
     with open_vision(model, mmproj, adapter, quant, ModelOptions(n_ctx=n_ctx, threads=threads,
                                                                 n_gpu_layers=n_gpu_layers)) as chat:

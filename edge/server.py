@@ -1,8 +1,9 @@
 """A small OpenAI-compatible HTTP server (stdlib only) over one loaded VisionModel.
 
-`/v1/models` and `/v1/chat/completions` (JSON or SSE). One generation at a time runs on the model
-(a lock); at most `max_queue` more requests wait, later ones get 429 at once, so no client hangs on an
-unbounded queue. Loopback by default; an optional Bearer key; bodies over `max_request_bytes` get 413.
+`/v1/models` and `/v1/chat/completions` (JSON or SSE). With `parallel` 1, one generation at a time
+runs on the model (a lock, KV prefix reuse across requests); with `parallel` N, up to N requests are
+decoded together by the batch engine (edge/batch_worker.py). Either way at most `max_queue` more
+requests wait and later ones get 429 at once, so no client hangs on an unbounded queue. Loopback by default; an optional Bearer key; bodies over `max_request_bytes` get 413.
 The server never prints (the http.server log goes to `log`, default silent); serve_cli talks.
 
 Clients are untrusted. Images come inline (data: URIs); local paths only inside folders the user
@@ -29,7 +30,10 @@ from typing import Callable
 from factedge.edge.chat import ChatSession, SessionOptions
 from factedge.edge.errors import ClosedError, ConfigError, FactedgeError, InputError
 from factedge.edge.image_access import ImageAccess
-from factedge.edge.openai_api import create_chat_completion, model_id
+from factedge.edge.batch import BatchOptions
+from factedge.edge.batch_worker import BatchWorker, QueueFull
+from factedge.edge.openai_api import (batch_request, chunk, completion, completion_meta, create_chat_completion,
+                                      last_chunk, model_id)
 from factedge.edge.vision_model import VisionModel
 
 _PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "repeat_penalty")
@@ -53,6 +57,8 @@ class ServerOptions:
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides IP literals and localhost
     socket_timeout_s: float = 30.0  # each read or write on a client socket
     max_connections: int = 32  # open connections; more are refused with 503
+    parallel: int = 1  # requests decoded together (1: one at a time on a ChatSession)
+    seq_ctx: int = 2048  # with parallel > 1: positions each request may use (history, images, answer)
 
     def check(self) -> "ServerOptions":
         if self.max_request_bytes < 1 or self.max_queue < 0 or not self.queue_timeout_s > 0:
@@ -61,6 +67,10 @@ class ServerOptions:
             raise ConfigError("socket_timeout_s must be in (0, 3600] and max_connections in [1, 4096]")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, not {self.port}")
+        if self.parallel > 1:
+            BatchOptions(parallel=self.parallel, seq_ctx=self.seq_ctx).check()
+        elif self.parallel < 1:
+            raise ConfigError(f"parallel must be >= 1, not {self.parallel}")
         return self
 
 
@@ -82,7 +92,10 @@ class ChatServer(ThreadingHTTPServer):
         self.chat = chat
         self.model_name = model or model_id(chat)
         self.log = log
-        self.session = ChatSession(chat, self.options.session or SessionOptions(n_ctx=chat.options.n_ctx))
+        o = self.options
+        self.worker = BatchWorker(chat, BatchOptions(parallel=o.parallel, seq_ctx=o.seq_ctx),
+                                  max_queue=o.max_queue) if o.parallel > 1 else None
+        self.session = ChatSession(chat, o.session or SessionOptions(n_ctx=chat.options.n_ctx))
         self.image_access = ImageAccess.exposing(self.options.allow_dirs)
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(self.options.max_queue + 1)  # running + waiting
@@ -93,6 +106,8 @@ class ChatServer(ThreadingHTTPServer):
             super().__init__((self.options.host, self.options.port), _Handler)
         except OSError as exc:
             self.session.close()
+            if self.worker is not None:
+                self.worker.close()
             raise ConfigError(f"cannot listen on {self.options.host}:{self.options.port}: {exc.strerror or exc}") from exc
 
     @property
@@ -126,6 +141,8 @@ class ChatServer(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
+        if self.worker is not None:
+            self.worker.close()
         with self.lock:  # wait for a running generation before freeing its KV cache
             self.session.close()
 
@@ -218,6 +235,9 @@ class _Handler(BaseHTTPRequestHandler):
         if "max_tokens" not in params and body.get("max_completion_tokens") is not None:
             params["max_tokens"] = body["max_completion_tokens"]
         server = self.server
+        if server.worker is not None:
+            self._generate_batched(body.get("messages"), stream, params)
+            return
         if not server.slots.acquire(blocking=False):
             raise HTTPError(429, "the server is busy (generation queue full); retry later", "rate_limit_error",
                             "queue_full")
@@ -230,6 +250,64 @@ class _Handler(BaseHTTPRequestHandler):
                 server.lock.release()
         finally:
             server.slots.release()
+
+    def _generate_batched(self, messages, stream: bool, params: dict) -> None:
+        """Through the batch worker: queued (429 when full), decoded with the other requests in flight."""
+        server = self.server
+        try:
+            ticket = server.worker.submit(batch_request(server.chat, messages, image_access=server.image_access,
+                                                        **params))
+        except QueueFull as exc:
+            raise HTTPError(429, f"the server is busy ({exc.reason}); retry later", "rate_limit_error",
+                            "queue_full") from exc
+        except (InputError, ConfigError) as exc:
+            raise HTTPError(400, exc.one_line(), code=type(exc).__name__) from exc
+        wait = server.options.queue_timeout_s
+        if not ticket.started.wait(wait):
+            ticket.abandon()
+            raise HTTPError(503, "timed out waiting for the model", "server_error", "queue_timeout")
+        try:
+            pieces = ticket.events(timeout=wait)
+            first = next(pieces, None)  # the prompt is evaluated: its errors are still an HTTP status
+            if first is None and ticket.outcome.error is not None:
+                error = ticket.outcome.error
+                if isinstance(error, (InputError, ConfigError)):
+                    raise HTTPError(400, error.one_line(), code=type(error).__name__)
+                raise HTTPError(500, error.one_line(), "server_error", type(error).__name__)
+            meta = completion_meta(server.model_name)
+            if not stream:
+                text = "".join([first or "", *pieces])
+                if ticket.outcome.error is not None:
+                    raise HTTPError(500, ticket.outcome.error.one_line(), "server_error", "generation_failed")
+                self._send_json(200, completion(meta, text, ticket.outcome.answer))
+                return
+            self._start_stream()
+            self._event(chunk(meta, {"role": "assistant", "content": ""}))
+            for piece in [first] if first is not None else []:
+                self._event(chunk(meta, {"content": piece}))
+            for piece in pieces:
+                self._event(chunk(meta, {"content": piece}))
+            error = ticket.outcome.error
+            self._event(last_chunk(meta, ticket.outcome.answer) if error is None else
+                        {"error": {"message": error.one_line(), "type": "server_error", "param": None, "code": None}})
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except TimeoutError:
+            raise HTTPError(503, "timed out waiting for the model", "server_error", "queue_timeout") from None
+        finally:
+            ticket.abandon()  # a client gone mid-answer frees its sequence; a finished one is unaffected
+
+    def _start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+    def _event(self, payload: dict) -> None:
+        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+        self.wfile.flush()
 
     def _generate(self, messages, stream: bool, params: dict) -> None:
         server = self.server
@@ -244,15 +322,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, result)
             return
         try:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            for chunk in result:
-                self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-                self.wfile.flush()
+            self._start_stream()
+            for piece in result:
+                self._event(piece)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except FactedgeError as exc:  # mid-stream: the status is sent; report in the stream
