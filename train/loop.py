@@ -88,14 +88,19 @@ def offline_warmup(optim: OptimSettings, total_steps: int) -> int:
 
 
 def make_accelerator(run: RunSettings):
-    """An accelerate.Accelerator for this run (CPU when no GPU is visible)."""
-    from accelerate import Accelerator
+    """An accelerate.Accelerator for this run (CPU when no GPU is visible).
+
+    split_batches: every process takes its shard of the one global batch (`shard`), so the schedule
+    must step once per optimizer step; by default accelerate steps it once per process (it assumes
+    each process reads batches of its own), which on 2 processes ran the schedule twice as fast."""
+    from accelerate import Accelerator, DataLoaderConfiguration
 
     if run.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"mixed_precision must be no, bf16 or fp16, not {run.mixed_precision!r}")
     if run.num_threads > 0:
         torch.set_num_threads(run.num_threads)
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=run.mixed_precision)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=run.mixed_precision,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 class Throughput:
@@ -173,7 +178,7 @@ def fit(f: Fit, start: int, loss_fn: LossFn, *, progress: Progress | None = None
         loss_value = float(accel.reduce(total, reduction="mean")) if world > 1 else float(total)
         meter.add(int(stats.get("tokens", 0)) * world, len(batch))
         metrics = {"loss": loss_value, "lr": lr, "epoch": plan.epoch(done),
-                   "grad_norm": None if grad_norm is None else float(grad_norm)}
+                   "grad_norm": None if grad_norm is None else float(grad_norm), "processes": world}
         metrics.update({k: v for k, v in stats.items() if k != "tokens"})
         if evaluate is not None and ((eval_every > 0 and done % eval_every == 0) or done == plan.total_steps):
             metrics.update(evaluate())

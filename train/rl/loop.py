@@ -140,6 +140,10 @@ def open_session(cfg: RLBase, total_for: Callable[[ActorCritic], int], *, value:
     """Seed, build the adapters, plan `total_for(ac)` steps, AdamW + schedule (stepped once per
     step), and resume from the newest checkpoint (or record the config). The run folder is made only
     once the model and the data have loaded, so bad input leaves nothing behind."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:  # every process would roll out and write the same run folder
+        raise ConfigError(f"the RL stages (PPO, GRPO, RLOO, DPO) run on one process, not {world}: start them with "
+                          "python or `factedge train`, not `accelerate launch --num_processes N`")
     if cfg.run.num_threads > 0:
         torch.set_num_threads(cfg.run.num_threads)
     seed_everything(cfg.run.seed)
