@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from factedge.edge.answer import Answer, TurnStats
+from factedge.edge.context_owner import ContextOwner
 from factedge.edge.errors import ConfigError, ContextFullError, FactedgeError, InputError
 from factedge.edge.image import ImageSource
 from factedge.edge.image_cache import ChatImage, ImageCache
@@ -115,7 +116,7 @@ class _Live:
     started: float = 0.0
 
 
-class BatchSession:
+class BatchSession(ContextOwner):
     """Answers one-turn questions on a VisionModel, up to `parallel` of them decoded together."""
 
     def __init__(self, vision: "VisionModel", options: BatchOptions | None = None):
@@ -314,19 +315,6 @@ class BatchSession:
         s.stats.generated_tokens = len(s.tokens)
         self.stats.generated_tokens += len(s.tokens)
         return Outcome(s.index, Answer(s.text.text.strip(), s.tokens, s.stats, reason))
-
-    @property
-    def closed(self) -> bool:
-        return self.ctx.closed
-
-    def close(self) -> None:
-        self.ctx.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _positions(segment) -> int:

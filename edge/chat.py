@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Hashable, Iterator, Sequence
 import numpy as np
 
 from factedge.edge.answer import Answer, TurnStats
+from factedge.edge.context_owner import ContextOwner
 from factedge.edge.errors import ClosedError, ConfigError, ContextFullError, FactedgeError, InputError
 from factedge.edge.image import ImageSource
 from factedge.edge.image_cache import ChatImage, ImageCache
@@ -65,7 +66,7 @@ class ChatTurn:
     answer_ids: list[int] | None = None  # generated ids spelling " " + assistant, as fed to the KV cache
 
 
-class ChatSession:
+class ChatSession(ContextOwner):
     """A multi-turn LLaVA chat on a VisionModel's model, encoder and adapter, with its own KV cache."""
 
     def __init__(self, vision: "VisionModel", options: SessionOptions | None = None):
@@ -304,20 +305,6 @@ class ChatSession:
             turn.answer_ids = _spelling(fed, turn.assistant, self.model.piece)
             if self._epoch == epoch:  # a stale stream does not overwrite the newer turn's answer
                 self.last_answer = Answer(turn.assistant, tokens, stats, reason)
-
-    @property
-    def closed(self) -> bool:
-        return self.ctx.closed
-
-    def close(self) -> None:
-        """Free this session's KV cache (the VisionModel stays open)."""
-        self.ctx.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _as_list(image) -> list:

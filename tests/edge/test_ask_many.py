@@ -14,7 +14,7 @@ from PIL import Image
 
 from factedge.edge.errors import ConfigError, InputError, OutputError
 
-MAX_TOKENS = 6
+MAX_TOKENS = 8  # rlhf_vision's default (tests/edge/conftest.py)
 Q = "What is in the image?"
 
 
@@ -29,13 +29,8 @@ def bundle(make_bundle, tiny_llava_rlhf):
 
 
 @pytest.fixture(scope="module")
-def vision(bundle):
-    from factedge.edge.sampling import SamplingOptions
-    from factedge.edge.vision_model import ModelOptions, VisionModel
-
-    options = ModelOptions(n_ctx=1024, threads=1, sampling=SamplingOptions(max_tokens=MAX_TOKENS))
-    with VisionModel.open(bundle, options=options) as vc:
-        yield vc
+def vision(rlhf_vision):
+    return rlhf_vision
 
 
 @pytest.fixture(scope="module")

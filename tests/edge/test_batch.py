@@ -13,7 +13,7 @@ import pytest
 
 from factedge.edge.errors import ConfigError, ContextFullError, InputError
 
-MAX_TOKENS = 12
+MAX_TOKENS = 8  # rlhf_vision's default (tests/edge/conftest.py)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,14 +22,8 @@ def native(native_tools):
 
 
 @pytest.fixture(scope="module")
-def vision(make_bundle, tiny_llava_rlhf):
-    from factedge.edge.sampling import SamplingOptions
-    from factedge.edge.vision_model import ModelOptions, VisionModel
-
-    out = make_bundle(tiny_llava_rlhf, name="tiny-rlhf")
-    options = ModelOptions(n_ctx=1024, threads=1, sampling=SamplingOptions(max_tokens=MAX_TOKENS))
-    with VisionModel.open(out, options=options) as vc:
-        yield vc
+def vision(rlhf_vision):
+    return rlhf_vision
 
 
 def _image(seed: int) -> np.ndarray:
