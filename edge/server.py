@@ -95,7 +95,8 @@ class ChatServer(ThreadingHTTPServer):
         o = self.options
         self.worker = BatchWorker(chat, BatchOptions(parallel=o.parallel, seq_ctx=o.seq_ctx),
                                   max_queue=o.max_queue) if o.parallel > 1 else None
-        self.session = ChatSession(chat, o.session or SessionOptions(n_ctx=chat.options.n_ctx))
+        # the one-at-a-time path's session (none with the batch worker: its KV cache would sit unused)
+        self.session = None if self.worker else ChatSession(chat, o.session or SessionOptions(n_ctx=chat.options.n_ctx))
         self.image_access = ImageAccess.exposing(self.options.allow_dirs)
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(self.options.max_queue + 1)  # running + waiting
@@ -105,9 +106,9 @@ class ChatServer(ThreadingHTTPServer):
         try:
             super().__init__((self.options.host, self.options.port), _Handler)
         except OSError as exc:
-            self.session.close()
-            if self.worker is not None:
-                self.worker.close()
+            for part in (self.session, self.worker):
+                if part is not None:
+                    part.close()
             raise ConfigError(f"cannot listen on {self.options.host}:{self.options.port}: {exc.strerror or exc}") from exc
 
     @property
@@ -144,7 +145,8 @@ class ChatServer(ThreadingHTTPServer):
         if self.worker is not None:
             self.worker.close()
         with self.lock:  # wait for a running generation before freeing its KV cache
-            self.session.close()
+            if self.session is not None:
+                self.session.close()
 
 
 def start_in_thread(server: ChatServer) -> threading.Thread:
