@@ -38,4 +38,4 @@ class Answer:
     text: str
     tokens: list[int]
     stats: TurnStats
-    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled" (edge/batch.py: the caller gave up)

@@ -2,19 +2,24 @@
 model and mmproj files, asked through its OpenAI chat endpoint by N client threads at once.
 
 Benchmark-only: factedge never depends on llama-server (bench/speed/build_llama_server.sh builds it
-from the same patched tree). Images go as data: URIs; greedy, `max_tokens` new tokens.
+from the same patched tree). The prompt is factedge's own text with the image as base64 data, greedy,
+`max_tokens` new tokens.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import subprocess
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+
+MEDIA_MARKER = "<__media__>"  # libmtmd's default image marker, pinned for the server with LLAMA_MEDIA_MARKER
 
 
 def _free_port() -> int:
@@ -32,7 +37,8 @@ class LlamaServer:
         if mmproj is not None:
             args += ["--mmproj", str(mmproj)]
         self.log = Path(f"/tmp/llama-server-{self.port}.log")
-        self._proc = subprocess.Popen(args, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        env = {**os.environ, "LLAMA_MEDIA_MARKER": MEDIA_MARKER}  # the server draws a random marker otherwise
+        self._proc = subprocess.Popen(args, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + startup_s
         while time.time() < deadline:
             if self._proc.poll() is not None:
@@ -47,16 +53,21 @@ class LlamaServer:
         raise RuntimeError(f"llama-server did not become healthy in {startup_s:.0f} s; see {self.log}")
 
     def ask(self, question: str, image: Path | None, max_tokens: int) -> str:
-        content: list[dict] = [{"type": "text", "text": question}]
+        """/completion with factedge's prompt text (edge/prompt.py; llama.cpp's media marker where the
+        image goes), so both servers see the same token ids: the chat endpoint would format it with its
+        own handling of image parts."""
+        from factedge.edge.prompt import IMAGE, single_turn
+
+        text = single_turn(question, n_images=0 if image is None else 1).replace(IMAGE, MEDIA_MARKER)
+        prompt: dict = {"prompt_string": text}
         if image is not None:
-            uri = "data:image/png;base64," + base64.b64encode(Path(image).read_bytes()).decode()
-            content.insert(0, {"type": "image_url", "image_url": {"url": uri}})
-        body = json.dumps({"messages": [{"role": "user", "content": content}], "temperature": 0,
-                           "max_tokens": max_tokens, "cache_prompt": True}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", body,
+            prompt["multimodal_data"] = [base64.b64encode(Path(image).read_bytes()).decode()]
+        body = json.dumps({"prompt": prompt, "temperature": 0, "n_predict": max_tokens, "cache_prompt": True,
+                           "samplers": ["top_k"], "top_k": 1}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", body,
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=600) as r:
-            return json.loads(r.read())["choices"][0]["message"]["content"].strip()
+            return json.loads(r.read())["content"].strip()
 
     def answer_all(self, items: list[tuple[str, Path]], max_tokens: int, clients: int) -> list[str]:
         with ThreadPoolExecutor(clients) as pool:
