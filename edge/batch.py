@@ -12,9 +12,11 @@ own (`seq_ctx` positions), and what questions share is evaluated once and copied
 
 Greedy answers are the one-at-a-time path's (`VisionModel.ask`) token for token: every prompt is fed
 with the same decodes as a fresh ChatSession (one per segment, the same n_batch), a sequence's cells
-stay in position order in its own stream, and a generation row's arithmetic does not depend on its
-neighbours for the quantized types (an f16/f32 model's batched matmul may round differently: BENCHMARKS.md).
-tests/edge/test_batch.py checks the identity; bench/speed/batch_speed.py measures the gain.
+stay in position order in its own stream, and (`exact`, the default) generation rows go to llama.cpp
+at most EXACT_ROWS at a time, where a quantized row's arithmetic does not depend on its neighbours.
+`exact=False` decodes every live sequence in one call: faster where the gemm kernels pay, but answers
+may then differ in a near-tie. An f16/f32 model's batched matmul rounds differently even for 2 rows.
+tests/edge/test_batch.py checks the identity; bench/speed/batch_speed.py measures both.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class BatchOptions:
     n_batch: int = 512  # as SessionOptions.n_batch: the prompt decodes of the one-at-a-time path
     kv_type: str = "f16"
     image_cache: int = 16  # distinct image embeddings kept (LRU)
-    image_prefixes: int = 2  # "<system> USER: <image>" prompts kept in the KV pool for later questions (LRU)
+    image_prefixes: int = 4  # "<system> USER: <image>" prompts kept in the KV pool for later questions (LRU)
+    exact: bool = True  # decode at most EXACT_ROWS sequences per llama.cpp call: the one-at-a-time numbers
     system: str = SYSTEM
 
     def check(self) -> "BatchOptions":
@@ -73,6 +76,10 @@ class Request:
 
 
 END = object()  # what a `serve` source returns when no request will come any more
+# ggml's CPU kernels for repacked quants (Q4_0, Q4_K, IQ4_NL on AVX2/AVX-512/ARM) multiply 4 or more rows
+# with a gemm whose results differ from the one-row path (logits by ~1.6 on a random 1B Q4_K_M); up to 3
+# rows they take the one-row kernel, so greedy answers stay those of one question at a time.
+EXACT_ROWS = 3
 
 
 @dataclass
@@ -187,21 +194,22 @@ class BatchSession(ContextOwner):
                 if not live:
                     return
                 live.sort(key=lambda s: s.seq)
-                step = time.perf_counter()
-                self.ctx.step_rows([(s.seq, s.pos, s.tokens[-1]) for s in live])
-                self.stats.decode_s += time.perf_counter() - step
-                self.stats.decode_steps += 1
-                for s in live:
-                    s.pos += 1
                 still: list[_Live] = []
-                for row, s in enumerate(live):
-                    done = self._next_token(s, row)
-                    if done is None:
-                        still.append(s)
-                    else:
-                        self.ctx.seq_forget(s.seq)
-                        heapq.heappush(free, s.seq)
-                        yield done
+                rows = EXACT_ROWS if self.options.exact else len(live)
+                for group in (live[i:i + rows] for i in range(0, len(live), rows)):
+                    step = time.perf_counter()
+                    self.ctx.step_rows([(s.seq, s.pos, s.tokens[-1]) for s in group])
+                    self.stats.decode_s += time.perf_counter() - step
+                    self.stats.decode_steps += 1
+                    for row, s in enumerate(group):  # sampled before the next group's decode replaces the logits
+                        s.pos += 1
+                        done = self._next_token(s, row)
+                        if done is None:
+                            still.append(s)
+                        else:
+                            self.ctx.seq_forget(s.seq)
+                            heapq.heappush(free, s.seq)
+                            yield done
                 live = still
         finally:
             for s in live:  # closed early or failed: nothing of theirs stays in the KV pool

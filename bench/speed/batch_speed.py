@@ -59,12 +59,14 @@ def run_serial(vision, items, n_predict: int) -> tuple[list, float, float]:
         return answers, time.perf_counter() - start, sum(a.stats.generate_s for a in answers)
 
 
-def run_batched(vision, items, n_predict: int, parallel: int, seq_ctx: int) -> tuple[list, float, float]:
+def run_batched(vision, items, n_predict: int, parallel: int, seq_ctx: int,
+                exact: bool = True) -> tuple[list, float, float]:
     from factedge.edge.batch import BatchOptions, BatchSession, Request
     from factedge.edge.sampling import SamplingOptions
 
     sampling = SamplingOptions(max_tokens=n_predict)
-    with BatchSession(vision, BatchOptions(parallel=parallel, seq_ctx=seq_ctx, image_cache=len(items))) as batch:
+    options = BatchOptions(parallel=parallel, seq_ctx=seq_ctx, image_cache=len(items), exact=exact)
+    with BatchSession(vision, options) as batch:
         start = time.perf_counter()
         outcomes = batch.answer_all(Request(q, image, sampling) for q, image in items)
         wall = time.perf_counter() - start
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench")
     args = p.parse_args(argv)
 
+    from factedge.edge.batch import EXACT_ROWS
     from factedge.edge.vision_model import ModelOptions, VisionModel
 
     bundle = args.bundle
@@ -135,8 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         base = figures("serial", serial, serial_wall, serial_decode, None, serial)
         rows = [base]
         for n in args.parallel:
-            answers, wall, decode_s = run_batched(vision, items, args.n_predict, n, args.seq_ctx)
-            rows.append(figures(f"factedge parallel {n}", answers, wall, decode_s, base, serial))
+            for exact in (True, False) if n > EXACT_ROWS else (True,):
+                answers, wall, decode_s = run_batched(vision, items, args.n_predict, n, args.seq_ctx, exact)
+                name = f"factedge parallel {n}" + ("" if n <= EXACT_ROWS else ", exact" if exact else ", one call")
+                rows.append(figures(name, answers, wall, decode_s, base, serial))
             if args.server:
                 texts, swall = run_server(args.server, vision.files, items, args.n_predict, n, args.seq_ctx,
                                           args.threads)

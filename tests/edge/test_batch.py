@@ -127,3 +127,17 @@ def test_options_are_checked(vision):
                 BatchOptions(seq_ctx=100_000)):  # past the model's trained context
         with pytest.raises(ConfigError):
             BatchSession(vision, bad)
+
+
+def test_one_call_mode_decodes_all_rows_together(vision, serial):
+    """exact=False: one llama.cpp call per step for all live sequences (fewer calls); Q8_0's kernels
+    are row-independent, so the answers are still the serial ones here."""
+    from factedge.edge.batch import EXACT_ROWS, BatchOptions, BatchSession
+
+    calls = {}
+    for exact in (True, False):
+        with BatchSession(vision, BatchOptions(parallel=8, seq_ctx=400, exact=exact)) as batch:
+            outcomes = batch.answer_all(_requests())
+            calls[exact] = batch.stats.decode_steps
+        assert [o.answer.tokens for o in outcomes] == [r.tokens for r in serial]
+    assert calls[False] < calls[True] and EXACT_ROWS == 3
