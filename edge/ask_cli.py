@@ -25,6 +25,9 @@ from factedge.edge.inspect import check_bundle, describe_gguf
               help="with --images/--batch: questions decoded together")
 @click.option("--seq-ctx", type=int, default=1024, show_default=True,
               help="with --images/--batch: positions each question may use (image + prompt + answer)")
+@click.option("--fast-batch", is_flag=True,
+              help="with --images/--batch: one llama.cpp call per step for all questions in flight (faster, most "
+                   "on a GPU; an answer may then differ from one-at-a-time where two tokens nearly tie)")
 @click.option("--overwrite", is_flag=True, help="with --images/--batch: replace an existing --out file")
 @sampling_options
 @runtime_options
@@ -33,8 +36,8 @@ from factedge.edge.inspect import check_bundle, describe_gguf
 @click.option("--compare-adapters", is_flag=True,
               help="answer with the base (SFT) model and with the LoRA adapter (RLHF), side by side")
 @adapter_scale_option
-def ask(question, model, image, images, batch_file, out, parallel, seq_ctx, overwrite, mmproj, adapter, quant,
-        temperature, top_p, top_k, max_tokens, seed, threads, n_gpu_layers, as_json, stats, compare_adapters,
+def ask(question, model, image, images, batch_file, out, parallel, seq_ctx, fast_batch, overwrite, mmproj, adapter,
+        quant, temperature, top_p, top_k, max_tokens, seed, threads, n_gpu_layers, as_json, stats, compare_adapters,
         adapter_scale):
     """Answer QUESTION about --image with a converted model, or many questions (--images, --batch) into a
     JSONL file (resumable: run it again after an interruption)."""
@@ -46,7 +49,7 @@ def ask(question, model, image, images, batch_file, out, parallel, seq_ctx, over
     options = ModelOptions(threads=threads, n_gpu_layers=n_gpu_layers, adapter_scale=adapter_scale,
                           sampling=sampling_from(temperature, top_p, top_k, max_tokens, seed))
     if images is not None or batch_file is not None:
-        batch = BatchOptions(parallel=parallel, seq_ctx=seq_ctx).check()
+        batch = BatchOptions(parallel=parallel, seq_ctx=seq_ctx, exact=not fast_batch).check()
         _ask_many(question, images, batch_file, out, batch, overwrite, (model, mmproj, adapter, quant), options)
         return
     with open_vision(model, mmproj, adapter, quant, options) as chat:

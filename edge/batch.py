@@ -1,8 +1,8 @@
 """Many one-turn questions through one model at once: several sequences in one llama.cpp context.
 
-Decoding one token costs nearly the same for one sequence as for eight (the weights are read once per
-step either way), so `BatchSession` keeps up to `parallel` questions in flight in one context, one
-sequence id each, and decodes one token of every live sequence per llama.cpp call. A question that
+Many questions share work: the system prompt, an image's prompt, an image's encoding, and (when the
+exact answers are not required) the reading of the weights for one token of every sequence. So
+`BatchSession` keeps up to `parallel` questions in flight in one context, one sequence id each. A question that
 finishes frees its sequence for the next (continuous batching). Each sequence has a KV stream of its
 own (`seq_ctx` positions), and what questions share is evaluated once and copied, not recomputed:
 - the system prompt before the image ("<system> USER: "), kept on a sequence of its own;
@@ -12,11 +12,12 @@ own (`seq_ctx` positions), and what questions share is evaluated once and copied
 
 Greedy answers are the one-at-a-time path's (`VisionModel.ask`) token for token: every prompt is fed
 with the same decodes as a fresh ChatSession (one per segment, the same n_batch), a sequence's cells
-stay in position order in its own stream, and (`exact`, the default) generation rows go to llama.cpp
-at most EXACT_ROWS at a time, where a quantized row's arithmetic does not depend on its neighbours.
-`exact=False` decodes every live sequence in one call: faster where the gemm kernels pay, but answers
-may then differ in a near-tie. An f16/f32 model's batched matmul rounds differently even for 2 rows.
-tests/edge/test_batch.py checks the identity; bench/speed/batch_speed.py measures both.
+stay in position order in its own stream, and (`exact`, the default) each generation step is decoded
+one sequence per llama.cpp call. `exact=False` decodes every live sequence in one call: the weights
+are read once per step for all of them (the gain grows with the memory-bound share: small on a 2-core
+CPU, large on a GPU), but llama.cpp computes several rows with other kernels (gemm, multi-stream flash
+attention), so an answer may differ from the one-at-a-time one where two tokens nearly tie.
+tests/edge/test_batch.py checks the identity; bench/speed/batch_speed.py measures both modes.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class BatchOptions:
     kv_type: str = "f16"
     image_cache: int = 16  # distinct image embeddings kept (LRU)
     image_prefixes: int = 4  # "<system> USER: <image>" prompts kept in the KV pool for later questions (LRU)
-    exact: bool = True  # decode at most EXACT_ROWS sequences per llama.cpp call: the one-at-a-time numbers
+    exact: bool = True  # one sequence per generation decode: the one-at-a-time answers; False: all in one call
     system: str = SYSTEM
 
     def check(self) -> "BatchOptions":
@@ -76,10 +77,11 @@ class Request:
 
 
 END = object()  # what a `serve` source returns when no request will come any more
-# ggml's CPU kernels for repacked quants (Q4_0, Q4_K, IQ4_NL on AVX2/AVX-512/ARM) multiply 4 or more rows
-# with a gemm whose results differ from the one-row path (logits by ~1.6 on a random 1B Q4_K_M); up to 3
-# rows they take the one-row kernel, so greedy answers stay those of one question at a time.
-EXACT_ROWS = 3
+# Rows per generation decode in exact mode. Several rows in one llama.cpp call are computed by other
+# kernels than one row: ggml's repacked Q4_K/Q4_0 matmul switches to a gemm at 4 rows, and CPU flash
+# attention over two sequences' streams moved logits by ~1.8 on a random 1B Q4_K_M with image prompts
+# (BENCHMARKS.md, "Many questions at once"). One row per call is the one-question path's arithmetic.
+EXACT_ROWS = 1
 
 
 @dataclass
@@ -237,8 +239,8 @@ class BatchSession(ContextOwner):
         except FactedgeError as error:
             self.ctx.seq_forget(seq)
             return Outcome(index, error=error)
-        live = _Live(index, request, seq, n, sampling, Sampler(sampling, self.model.n_vocab), stats, TextStream(sampling.stop),
-                     started=time.perf_counter())
+        live = _Live(index, request, seq, n, sampling, Sampler(sampling, self.model.n_vocab), stats,
+                     TextStream(sampling.stop), started=time.perf_counter())
         done = self._next_token(live, -1)
         if done is not None:
             self.ctx.seq_forget(seq)

@@ -30,11 +30,15 @@ from factedge.edge.cli_options import model_options, n_ctx_option, open_vision, 
               help="requests decoded together (1: one at a time, with KV reuse across a client's turns)")
 @click.option("--seq-ctx", type=int, default=2048, show_default=True,
               help="with --parallel > 1: positions each request may use (history, images and answer)")
+@click.option("--fast-batch", is_flag=True,
+              help="with --parallel > 1: one llama.cpp call per step for all requests (faster, most on a GPU; an "
+                   "answer may then differ from one-at-a-time where two tokens nearly tie)")
 @n_ctx_option
 @runtime_options
 @click.option("--verbose", is_flag=True, help="log every request to stderr")
 def serve(model, mmproj, adapter, quant, host, port, api_key, max_request_bytes, max_queue, allow_dirs,
-          allowed_hosts, socket_timeout, max_connections, parallel, seq_ctx, n_ctx, threads, n_gpu_layers, verbose):
+          allowed_hosts, socket_timeout, max_connections, parallel, seq_ctx, fast_batch, n_ctx, threads, n_gpu_layers,
+          verbose):
     """Serve /v1/chat/completions and /v1/models (OpenAI-compatible) for a converted model."""
     from factedge.edge.chat import SessionOptions
     from factedge.edge.server import ChatServer, ServerOptions
@@ -43,7 +47,8 @@ def serve(model, mmproj, adapter, quant, host, port, api_key, max_request_bytes,
     options = ServerOptions(host=host, port=port, api_key=api_key, max_request_bytes=max_request_bytes,
                             max_queue=max_queue, session=SessionOptions(n_ctx=n_ctx), allow_dirs=tuple(allow_dirs),
                             allowed_hosts=tuple(allowed_hosts), socket_timeout_s=socket_timeout,
-                            max_connections=max_connections, parallel=parallel, seq_ctx=seq_ctx).check()
+                            max_connections=max_connections, parallel=parallel, seq_ctx=seq_ctx,
+                            exact=not fast_batch).check()
     log = (lambda line: click.echo(line, err=True)) if verbose else None
     with open_vision(model, mmproj, adapter, quant, ModelOptions(n_ctx=n_ctx, threads=threads,
                                                                 n_gpu_layers=n_gpu_layers)) as chat:

@@ -59,6 +59,7 @@ class ServerOptions:
     max_connections: int = 32  # open connections; more are refused with 503
     parallel: int = 1  # requests decoded together (1: one at a time on a ChatSession)
     seq_ctx: int = 2048  # with parallel > 1: positions each request may use (history, images, answer)
+    exact: bool = True  # with parallel > 1: BatchOptions.exact (one-at-a-time answers)
 
     def check(self) -> "ServerOptions":
         if self.max_request_bytes < 1 or self.max_queue < 0 or not self.queue_timeout_s > 0:
@@ -93,7 +94,7 @@ class ChatServer(ThreadingHTTPServer):
         self.model_name = model or model_id(chat)
         self.log = log
         o = self.options
-        self.worker = BatchWorker(chat, BatchOptions(parallel=o.parallel, seq_ctx=o.seq_ctx),
+        self.worker = BatchWorker(chat, BatchOptions(parallel=o.parallel, seq_ctx=o.seq_ctx, exact=o.exact),
                                   max_queue=o.max_queue) if o.parallel > 1 else None
         # the one-at-a-time path's session (none with the batch worker: its KV cache would sit unused)
         self.session = None if self.worker else ChatSession(chat, o.session or SessionOptions(n_ctx=chat.options.n_ctx))
