@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.parallel:
             for exact in (True, False) if n > EXACT_ROWS else (True,):
                 answers, wall, decode_s = run_batched(vision, items, args.n_predict, n, args.seq_ctx, exact)
-                name = f"factedge parallel {n}" + ("" if n <= EXACT_ROWS else ", exact" if exact else ", one call")
+                name = f"factedge parallel {n}" + ("" if n <= EXACT_ROWS else ", exact" if exact else ", fast-batch")
                 rows.append(figures(name, answers, wall, decode_s, base, serial))
             if args.server:
                 texts, swall = run_server(args.server, vision.files, items, args.n_predict, n, args.seq_ctx,

@@ -39,10 +39,10 @@ def _post(port: int, i: int) -> tuple[int | str, float]:
     return status, time.perf_counter() - start
 
 
-def burst(vision, clients: int, requests: int) -> None:
+def burst(vision, clients: int, requests: int, parallel: int = 1, max_queue: int = 4) -> None:
     from factedge.edge.server import ChatServer, ServerOptions, start_in_thread
 
-    srv = ChatServer(vision, ServerOptions(port=0))
+    srv = ChatServer(vision, ServerOptions(port=0, parallel=parallel, max_queue=max_queue, seq_ctx=512))
     thread = start_in_thread(srv)
     results: list[tuple[int | str, float]] = []
     lock = threading.Lock()
@@ -66,7 +66,7 @@ def burst(vision, clients: int, requests: int) -> None:
     srv.shutdown(), srv.server_close(), thread.join(10)
     lat = sorted(t for _, t in results)
     counts = Counter(s for s, _ in results)
-    print(f"burst: {clients} clients x {requests} requests in {wall:.1f} s: "
+    print(f"burst (parallel {parallel}, max_queue {max_queue}): {clients} clients x {requests} requests in {wall:.1f} s: "
           + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=str))
           + f"; latency p50 {lat[len(lat) // 2]:.2f} s, max {lat[-1]:.2f} s; a request afterwards: {after}")
 
@@ -105,12 +105,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--stalled", type=int, default=8)
+    parser.add_argument("--parallel", type=lambda v: [int(x) for x in v.split(",")], default=[1],
+                        help="burst once per value: requests decoded together (serve --parallel)")
+    parser.add_argument("--max-queue", type=int, default=4)
     args = parser.parse_args()
     from factedge.edge.vision_model import ModelOptions, VisionModel
 
     bundle = args.bundle or ensure_bundle(ROOT / ".cache" / "bench" / "soak-bundle")
     with VisionModel.open(bundle, options=ModelOptions(n_ctx=1024)) as vision:
-        burst(vision, args.clients, args.requests)
+        for n in args.parallel:
+            burst(vision, args.clients, args.requests, n, args.max_queue)
         stalled(vision, args.stalled)
 
 
