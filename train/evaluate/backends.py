@@ -129,7 +129,7 @@ class EdgeBackend:
         """Through the batch engine when `parallel` > 1 (the same tokens as `answer`: n_batch 32 both
         ways), else one by one. Speed then counts decode seconds, not each answer's overlapping wall time."""
         if self.options.parallel <= 1:
-            return _one_by_one(self, jobs, max_tokens, progress)
+            return one_by_one(self, jobs, max_tokens, progress)
         from factedge.edge.batch import BatchOptions, BatchSession, Request
         from factedge.edge.sampling import SamplingOptions
 
@@ -249,7 +249,7 @@ class TorchBackend:
         return g
 
     def answer_many(self, jobs: Sequence[Job], max_tokens: int, progress: ItemProgress | None = None) -> list[Generation]:
-        return _one_by_one(self, jobs, max_tokens, progress)
+        return one_by_one(self, jobs, max_tokens, progress)
 
     def speed(self) -> dict:
         return self._speed.to_dict()
@@ -268,7 +268,8 @@ class TorchBackend:
         self.close()
 
 
-def _one_by_one(backend, jobs: Sequence[Job], max_tokens: int, progress: ItemProgress | None) -> list[Generation]:
+def one_by_one(backend, jobs: Sequence[Job], max_tokens: int, progress: ItemProgress | None) -> list[Generation]:
+    """`answer_many` for a backend that answers one question at a time."""
     out = []
     for image, question in jobs:
         out.append(backend.answer(image, question, max_tokens))

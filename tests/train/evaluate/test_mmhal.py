@@ -7,7 +7,7 @@ import json
 import pytest
 
 from factedge.edge.errors import InputError
-from factedge.train.evaluate.backends import Generation, Speed
+from factedge.train.evaluate.backends import Generation, Speed, one_by_one
 from factedge.train.evaluate.judges import CachedJudge, JudgeResult
 from factedge.train.evaluate.mmhal import TYPES, MMHalSummary, load_mmhal, normalize_type, run_mmhal
 
@@ -29,6 +29,9 @@ class ScriptedBackend:
         g = Generation(f"answer {len(self.asked) - 1}", [1, 2], "stop", generate_s=0.5)
         self._speed.add(g)
         return g
+
+    def answer_many(self, jobs, max_tokens, progress=None):
+        return one_by_one(self, jobs, max_tokens, progress)
 
     def speed(self):
         return self._speed.to_dict()
