@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from factedge.edge.cli_options import (adapter_scale_option, image_option, model_options, open_vision,
+from factedge.edge.cli_options import (adapter_scale_option, batch_options, image_option, model_options, open_vision,
                                        runtime_options, sampling_from, sampling_options)
 from factedge.edge.inspect import check_bundle, describe_gguf
 
@@ -21,13 +21,7 @@ from factedge.edge.inspect import check_bundle, describe_gguf
 @click.option("--batch", "batch_file", type=click.Path(path_type=Path),
               help='a JSONL file of {"image": ..., "question": ..., "id": ...} lines (image relative to the file)')
 @click.option("--out", type=click.Path(path_type=Path), help="with --images/--batch: the JSONL file of answers")
-@click.option("--parallel", type=int, default=4, show_default=True,
-              help="with --images/--batch: questions decoded together")
-@click.option("--seq-ctx", type=int, default=1024, show_default=True,
-              help="with --images/--batch: positions each question may use (image + prompt + answer)")
-@click.option("--fast-batch", is_flag=True,
-              help="with --images/--batch: one llama.cpp call per step for all questions in flight (faster, most "
-                   "on a GPU; an answer may then differ from one-at-a-time where two tokens nearly tie)")
+@batch_options(parallel=4, seq_ctx=1024, when="with --images/--batch", what="questions")
 @click.option("--overwrite", is_flag=True, help="with --images/--batch: replace an existing --out file")
 @sampling_options
 @runtime_options

@@ -57,6 +57,19 @@ def sampling_options(f: Callable) -> Callable:
     )(f)
 
 
+def batch_options(*, parallel: int, seq_ctx: int, when: str, what: str) -> Callable:
+    """--parallel, --seq-ctx, --fast-batch (edge/batch.py) for `ask` (many questions) and `serve`."""
+    return _stack(
+        click.option("--parallel", type=click.IntRange(1, 64), default=parallel, show_default=True,
+                     help=f"{what} decoded together"),
+        click.option("--seq-ctx", type=int, default=seq_ctx, show_default=True,
+                     help=f"{when}: positions each of them may use (images, prompt, history and answer)"),
+        click.option("--fast-batch", is_flag=True,
+                     help=f"{when}: one llama.cpp call per step for all {what} in flight (faster, most on a GPU; "
+                          "an answer may then differ from one-at-a-time where two tokens nearly tie)"),
+    )
+
+
 def runtime_options(f: Callable) -> Callable:
     """--threads, --n-gpu-layers."""
     return _stack(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from factedge.edge.cli_options import model_options, n_ctx_option, open_vision, runtime_options
+from factedge.edge.cli_options import batch_options, model_options, n_ctx_option, open_vision, runtime_options
 
 
 @click.command()
@@ -26,13 +26,7 @@ from factedge.edge.cli_options import model_options, n_ctx_option, open_vision, 
               help="seconds any one read or write on a client connection may take")
 @click.option("--max-connections", type=int, default=32, show_default=True,
               help="open connections; more are refused with 503")
-@click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="requests decoded together (1: one at a time, with KV reuse across a client's turns)")
-@click.option("--seq-ctx", type=int, default=2048, show_default=True,
-              help="with --parallel > 1: positions each request may use (history, images and answer)")
-@click.option("--fast-batch", is_flag=True,
-              help="with --parallel > 1: one llama.cpp call per step for all requests (faster, most on a GPU; an "
-                   "answer may then differ from one-at-a-time where two tokens nearly tie)")
+@batch_options(parallel=1, seq_ctx=2048, when="with --parallel > 1", what="requests")
 @n_ctx_option
 @runtime_options
 @click.option("--verbose", is_flag=True, help="log every request to stderr")
