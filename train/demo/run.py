@@ -6,7 +6,8 @@ Three cached steps, each keyed by content so a second run only answers:
 2. `convert_checkpoint` makes a bundle with the RLHF LoRA kept as a *runtime adapter* (f16 + quants,
    mmproj f16), so one loaded base answers as SFT (adapter scale 0) and as RLHF (scale 1);
 3. fresh images (demo_items) are asked a describe and a short question with both scales, and the
-   world's judge rates every answer (MMHal's 0-6, hallucinated or not).
+   world's judge rates every answer (MMHal's 0-6, hallucinated or not);
+4. both scales answer the recipe's held-out split (train/demo/heldout.py), for one line of figures.
 The library never prints: it reports through `log` and `progress` and returns a DemoResult.
 """
 
@@ -49,6 +50,7 @@ class DemoOptions:
     threads: int = 0  # 0: os.cpu_count() (llama.cpp's own default oversubscribes a busy small box)
     n_gpu_layers: int | None = None  # None: all layers when the native build has a GPU backend
     verify: bool = False  # check the bundle against PyTorch while converting (~1.5 min even on the micro model)
+    heldout: int = 200  # held-out questions both models answer for the summary line (0: skip)
     cache_dir: Path | None = None  # default: $FACTEDGE_CACHE or ~/.cache/factedge, then demo/
 
 
@@ -73,8 +75,9 @@ class DemoResult:
     metrics: dict
     trained: bool  # False: the recipe's cached model was reused
     converted: bool  # False: the cached bundle was reused
-    timings: dict[str, float] = field(default_factory=dict)  # recipe_s, convert_s, answer_s, total_s
+    timings: dict[str, float] = field(default_factory=dict)  # recipe_s, convert_s, answer_s, heldout_s, total_s
     runtime: dict = field(default_factory=dict)  # threads, n_gpu_layers, backend
+    heldout: dict = field(default_factory=dict)  # train/demo/heldout.py: {"n", "sft": figures, "rlhf": figures}
 
     @property
     def images(self) -> list[Path]:
@@ -188,9 +191,20 @@ def run_demo(options: DemoOptions | None = None, *, recipe: Recipe | None = None
     items = demo_items(bundle / "demo-images", o.n_images, o.seed, getattr(result, "world", None))
     rows = answer_items(bundle, items, quant=o.quant, max_tokens=o.max_tokens, runtime=runtime, log=log)
     timings["answer_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    split = getattr(getattr(result, "world", None), "heldout", None)
+    heldout = {}
+    if o.heldout > 0 and split is not None:
+        from factedge.train.demo.heldout import heldout_figures
+
+        log(f"answering {o.heldout} held-out questions with both models (judged, for the summary line)")
+        heldout = heldout_figures(bundle, Path(split.root), quant=o.quant, limit=o.heldout, max_tokens=o.max_tokens,
+                                  runtime=runtime)
+    timings["heldout_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     return DemoResult(Path(result.root), bundle, o.quant, rows, dict(getattr(result, "metrics", {}) or {}),
-                      not getattr(result, "cached", False), converted, timings, runtime)
+                      not getattr(result, "cached", False), converted, timings, runtime, heldout)
 
 
 def should_chat(no_chat: bool, stdin, stdout) -> bool:

@@ -151,3 +151,40 @@ def _render(table, width: int = 400) -> str:
     console = Console(file=io.StringIO(), width=width)
     console.print(table)
     return console.file.getvalue()
+
+
+def test_heldout_figures_are_the_judged_one_at_a_time_answers(demo_runs, small_world):
+    """Both models answer the held-out split through the bundle (batch engine); the figures are
+    score_answers of the answers VisionModel.ask gives one at a time at adapter scale 0 and 1."""
+    from factedge.edge.sampling import SamplingOptions
+    from factedge.edge.vision_model import ModelOptions, VisionModel
+    from factedge.train.demo.heldout import heldout_figures
+    from factedge.train.heldout_eval import heldout_items, question_of, score_answers
+
+    first, _, _ = demo_runs
+    root = small_world.heldout.root
+    runtime = {"threads": 1, "n_gpu_layers": 0}
+    got = heldout_figures(first.bundle, root, quant="Q4_K_M", limit=0, max_tokens=8, runtime=runtime)
+    items = heldout_items(root)
+    assert got["n"] == len(items) >= 2
+    for name, scale in (("sft", 0.0), ("rlhf", 1.0)):
+        options = ModelOptions(n_ctx=1024, threads=1, adapter_scale=scale)
+        with VisionModel.open(first.bundle, quant="Q4_K_M", options=options) as vision:
+            answers = [vision.ask(question_of(it), root / "images" / it["image"], SamplingOptions(max_tokens=8))
+                       for it in items]
+        want = score_answers(root, items, [(a.text, len(a.tokens), a.finish_reason == "stop") for a in answers])
+        assert got[name] == pytest.approx(want, nan_ok=True)
+
+
+def test_heldout_lines_say_plainly_when_rlhf_does_not_help():
+    def result(sft, rlhf):
+        figs = lambda rate, cov: {"hallucination_rate": rate, "coverage": cov, "claim_precision": 0.5}  # noqa: E731
+        return SimpleNamespace(quant="Q4_K_M", heldout={"n": 200, "sft": figs(*sft), "rlhf": figs(*rlhf)})
+
+    same = demo_cli.heldout_lines(result((0.655, 0.234), (0.650, 0.230)))
+    assert "SFT hallucination 65.5%" in same[0] and "RLHF (PPO + fact RM) hallucination 65.0%" in same[0]
+    assert len(same) == 2 and "does not lower hallucination" in same[1]
+    says_less = demo_cli.heldout_lines(result((0.655, 0.234), (0.400, 0.100)))  # fewer errors by saying less
+    assert len(says_less) == 2
+    assert len(demo_cli.heldout_lines(result((0.655, 0.234), (0.540, 0.230)))) == 1  # a real drop: no caveat
+    assert demo_cli.heldout_lines(SimpleNamespace(quant="Q4_K_M", heldout={})) == []
