@@ -137,14 +137,12 @@ class BatchSession(ContextOwner):
         self._prefix_seq = o.parallel  # a sequence of its own holds the shared prefix
         # then one sequence per kept image prompt: image key -> (sequence, positions)
         self._slots: OrderedDict[str, tuple[int, int]] = OrderedDict()
-        n_ctx = (o.parallel + o.image_prefixes) * o.seq_ctx + len(self._prefix)
-        self.ctx = Context(self.model, ContextOptions(n_ctx=n_ctx, n_batch=o.n_batch, n_threads=vision.options.threads,
-                                                      kv_type=o.kv_type, n_seq=o.parallel + 1 + o.image_prefixes))
-        room = self.ctx.n_ctx_seq
-        if room < o.seq_ctx:
-            self.ctx.close()
-            raise ConfigError(f"seq_ctx {o.seq_ctx} is more than one sequence can hold here ({room} positions: "
-                              "the model's trained context)", self.model.path)
+        if o.seq_ctx > self.model.n_ctx_train:  # llama.cpp would allow it; positions past it are untrained
+            raise ConfigError(f"seq_ctx {o.seq_ctx} is more than the {self.model.n_ctx_train} positions the model "
+                              "was trained on", self.model.path)
+        n_seq = o.parallel + 1 + o.image_prefixes  # each a KV stream of n_ctx / n_seq positions
+        self.ctx = Context(self.model, ContextOptions(n_ctx=n_seq * o.seq_ctx, n_batch=o.n_batch,
+                                                      n_threads=vision.options.threads, kv_type=o.kv_type, n_seq=n_seq))
         if vision.adapter:
             self.ctx.set_adapters([(vision.adapter, vision.options.adapter_scale)])
         self._images = ImageCache(vision, o.image_cache)

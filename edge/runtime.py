@@ -117,6 +117,7 @@ class Model(OwnedHandle):
         self.vocab = _llama.llama_model_get_vocab(ptr)
         self.n_embd = _llama.llama_model_n_embd(ptr)
         self.n_vocab = _llama.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = _llama.llama_model_n_ctx_train(ptr)  # positions the model was trained on
 
     def _free(self) -> None:
         _llama.llama_model_free(self._ptr)
@@ -264,11 +265,6 @@ class Context(OwnedHandle):
     def n_ctx(self) -> int:
         return _llama.llama_n_ctx(self._live())
 
-    @property
-    def n_ctx_seq(self) -> int:
-        """Positions one sequence may hold (n_ctx / n_seq, capped by llama.cpp at the trained context)."""
-        return _llama.llama_n_ctx_seq(self._live())
-
     def set_adapters(self, adapters: Sequence[tuple[LoraAdapter, float]]) -> None:
         """Apply these LoRA adapters with these scales (empty: the base model)."""
         n = len(adapters)
@@ -359,14 +355,18 @@ class Context(OwnedHandle):
         self.n_past += 1
 
     def feed_seq(self, seq: int, pos: int, segments: Sequence[Segment]) -> int:
-        """Evaluate segments into sequence `seq` from position `pos`, one decode per segment as `feed`
-        (so the numerics are the one-sequence path's); the last position's logits are left in the
-        context for the sampler (index -1). Returns the next free position."""
+        """`feed` into sequence `seq` from position `pos` (the same decodes, so the same numbers); the last
+        logits stay in the context for the sampler (index -1). Returns the next free position."""
         for seg in segments:
-            embd = isinstance(seg, np.ndarray) and np.issubdtype(seg.dtype, np.floating)
-            self._decode(None if embd else [int(t) for t in seg], seg if embd else None, False, seq=seq, pos=pos)
-            pos += seg.shape[0] if embd else len(seg)
+            self._decode_segment(seg, False, seq=seq, pos=pos)
+            pos += len(seg)
         return pos
+
+    def _decode_segment(self, seg: Segment, want_logits: bool, **where) -> np.ndarray:
+        """A segment to `_decode`: float rows are image embeddings, anything else token ids."""
+        if isinstance(seg, np.ndarray) and np.issubdtype(seg.dtype, np.floating):
+            return self._decode(None, seg, want_logits, **where)
+        return self._decode([int(t) for t in seg], None, want_logits, **where)
 
     def step_rows(self, rows: Sequence[tuple[int, int, int]]) -> None:
         """One decode of (sequence, position, token) rows, every row's logits kept for the sampler
@@ -399,11 +399,7 @@ class Context(OwnedHandle):
         """Evaluate segments in order; logits for every position, or only the last one."""
         outs = []
         for i, seg in enumerate(segments):
-            last = i == len(segments) - 1
-            if isinstance(seg, np.ndarray) and np.issubdtype(seg.dtype, np.floating):
-                outs.append(self._decode(None, seg, all_logits or last))
-            else:
-                outs.append(self._decode([int(t) for t in seg], None, all_logits or last))
+            outs.append(self._decode_segment(seg, all_logits or i == len(segments) - 1))
         logits = np.concatenate([o for o in outs if len(o)], axis=0)
         return logits if all_logits else logits[-1:]
 

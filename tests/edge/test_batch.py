@@ -143,3 +143,22 @@ def test_one_call_mode_decodes_all_rows_together(vision, serial):
         assert [o.answer.tokens[0] for o in outcomes] == [r.tokens[0] for r in serial]
         assert [len(o.answer.tokens) for o in outcomes] == [len(r.tokens) for r in serial]
     assert EXACT_ROWS == 1 and calls[False] * 3 < calls[True]
+
+
+def test_every_sequence_holds_seq_ctx_positions(vision):
+    """One KV stream per sequence, the system prompt's and the kept images' included: a question that
+    fills almost all of seq_ctx is answered (the context once held (parallel + kept) * seq_ctx + the
+    prompt for parallel + kept + 1 streams, so a stream got fewer than seq_ctx positions)."""
+    from factedge.edge.batch import BatchOptions, BatchSession, Request
+    from factedge.edge.sampling import SamplingOptions
+
+    img = _image(21)
+    prompt = vision.ask("Fill it.", img, SamplingOptions(max_tokens=1)).stats.prompt_total
+    seq_ctx = 513  # just past a multiple of 256: llama.cpp's padding of a stream cannot make up a shortfall
+    assert prompt < seq_ctx - 100
+    sampling = SamplingOptions(max_tokens=seq_ctx - prompt)  # prompt + answer == seq_ctx exactly
+    want = vision.ask("Fill it.", img, sampling)
+    with BatchSession(vision, BatchOptions(parallel=4, seq_ctx=seq_ctx, image_prefixes=4)) as batch:
+        out = batch.answer_all([Request("Fill it.", img, sampling), Request("Fill it.", img, sampling)])
+    assert [o.error for o in out] == [None, None]
+    assert out[0].answer.tokens == out[1].answer.tokens == want.tokens and len(want.tokens) > 50
