@@ -3,7 +3,8 @@
 `/v1/models` and `/v1/chat/completions` (JSON or SSE). With `parallel` 1, one generation at a time
 runs on the model (a lock, KV prefix reuse across requests); with `parallel` N, up to N requests are
 decoded together by the batch engine (edge/batch_worker.py). Either way at most `max_queue` more
-requests wait and later ones get 429 at once, so no client hangs on an unbounded queue. Loopback by default; an optional Bearer key; bodies over `max_request_bytes` get 413.
+requests wait and later ones get 429 at once, so no client hangs on an unbounded queue. Loopback by
+default; an optional Bearer key; bodies over `max_request_bytes` get 413.
 The server never prints (the http.server log goes to `log`, default silent); serve_cli talks.
 
 Clients are untrusted. Images come inline (data: URIs); local paths only inside folders the user
@@ -38,8 +39,14 @@ from factedge.edge.vision_model import VisionModel
 
 _PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "repeat_penalty")
 _DRAIN_LIMIT = 16 << 20  # an oversized body is read (and dropped) up to this, so the 413 reaches the client
-_BUSY_BODY = json.dumps({"error": {"message": "too many open connections", "type": "server_error",
-                                     "param": None, "code": "too_many_connections"}}).encode()
+
+
+def error_body(message: str, kind: str = "server_error", code: str | None = None) -> dict:
+    """An OpenAI-style error object (a response body, or one event of a stream that already began)."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+_BUSY_BODY = json.dumps(error_body("too many open connections", code="too_many_connections")).encode()
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
          b"Content-Length: %d\r\n\r\n" % len(_BUSY_BODY)) + _BUSY_BODY
 
@@ -79,6 +86,13 @@ class HTTPError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+def http_error(exc: FactedgeError) -> HTTPError:
+    """What a client is told about a library error: its request's fault (400) or ours (500)."""
+    if isinstance(exc, (InputError, ConfigError)):
+        return HTTPError(400, exc.one_line(), code=type(exc).__name__)
+    return HTTPError(500, exc.one_line(), "server_error", type(exc).__name__)
 
 
 class ChatServer(ThreadingHTTPServer):
@@ -264,7 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HTTPError(429, f"the server is busy ({exc.reason}); retry later", "rate_limit_error",
                             "queue_full") from exc
         except (InputError, ConfigError) as exc:
-            raise HTTPError(400, exc.one_line(), code=type(exc).__name__) from exc
+            raise http_error(exc) from exc
         wait = server.options.queue_timeout_s
         if not ticket.started.wait(wait):
             ticket.abandon()
@@ -273,10 +287,7 @@ class _Handler(BaseHTTPRequestHandler):
             pieces = ticket.events(timeout=wait)
             first = next(pieces, None)  # the prompt is evaluated: its errors are still an HTTP status
             if first is None and ticket.outcome.error is not None:
-                error = ticket.outcome.error
-                if isinstance(error, (InputError, ConfigError)):
-                    raise HTTPError(400, error.one_line(), code=type(error).__name__)
-                raise HTTPError(500, error.one_line(), "server_error", type(error).__name__)
+                raise http_error(ticket.outcome.error)
             meta = completion_meta(server.model_name)
             if not stream:
                 text = "".join([first or "", *pieces])
@@ -286,13 +297,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._start_stream()
             self._event(chunk(meta, {"role": "assistant", "content": ""}))
-            for piece in [first] if first is not None else []:
-                self._event(chunk(meta, {"content": piece}))
+            if first is not None:
+                self._event(chunk(meta, {"content": first}))
             for piece in pieces:
                 self._event(chunk(meta, {"content": piece}))
             error = ticket.outcome.error
-            self._event(last_chunk(meta, ticket.outcome.answer) if error is None else
-                        {"error": {"message": error.one_line(), "type": "server_error", "param": None, "code": None}})
+            self._event(last_chunk(meta, ticket.outcome.answer) if error is None else error_body(error.one_line()))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except TimeoutError:
@@ -317,10 +327,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             result = create_chat_completion(server.chat, messages, stream=stream, model=server.model_name,
                                             session=server.session, image_access=server.image_access, **params)
-        except (InputError, ConfigError) as exc:
-            raise HTTPError(400, exc.one_line(), code=type(exc).__name__) from exc
         except FactedgeError as exc:
-            raise HTTPError(500, exc.one_line(), "server_error", type(exc).__name__) from exc
+            raise http_error(exc) from exc
         if not stream:
             self._send_json(200, result)
             return
@@ -331,8 +339,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except FactedgeError as exc:  # mid-stream: the status is sent; report in the stream
-            err = {"error": {"message": exc.one_line(), "type": "server_error", "param": None, "code": None}}
-            self.wfile.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+            self._event(error_body(exc.one_line()))
         finally:
             result.close()
 
@@ -392,9 +399,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._drain(int(self.headers.get("Content-Length") or 0))
             except ValueError:
                 self.close_connection = True
-        payload = {"error": {"message": exc.message, "type": exc.kind, "param": None, "code": exc.code}}
         try:
-            self._send_json(exc.status, payload)
+            self._send_json(exc.status, error_body(exc.message, exc.kind, exc.code))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
