@@ -184,12 +184,25 @@ def _content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def added_token_list(data: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    """tokenizer.json's `added_tokens` ([{id, content, special, ...}]), checked."""
+    added = data.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(a, dict) and isinstance(a.get("id"), int)
+                                              and isinstance(a.get("content"), str) for a in added):
+        raise CorruptFileError("added_tokens must be a list of {id, content}", path)
+    return added
+
+
 def added_tokens(tokenizer_dir: Path) -> dict[str, int]:
-    """Tokens added on top of the SPM model: added_tokens.json plus tokenizer_config's decoder."""
+    """Tokens added on top of the base vocab: added_tokens.json, tokenizer.json's added_tokens (where
+    transformers 5 keeps them) and tokenizer_config's decoder."""
     try:
         found = {str(k): int(v) for k, v in read_json(tokenizer_dir / "added_tokens.json", required=False).items()}
     except (TypeError, ValueError) as exc:
         raise CorruptFileError(f"token ids must be integers ({exc})", tokenizer_dir / "added_tokens.json") from exc
+    if not (tokenizer_dir / "tokenizer.model").is_file():  # a BPE tokenizer.json names its specials here
+        path = tokenizer_dir / "tokenizer.json"
+        found.update({a["content"]: a["id"] for a in added_token_list(read_json(path, required=False), path)})
     decoder = read_json(tokenizer_dir / "tokenizer_config.json", required=False).get("added_tokens_decoder") or {}
     if not isinstance(decoder, dict):
         raise CorruptFileError("added_tokens_decoder must be an object", tokenizer_dir / "tokenizer_config.json")

@@ -1,4 +1,4 @@
-"""Write the LLaMA/Vicuna language model of a Checkpoint as a llama.cpp GGUF (arch `llama`).
+"""Write the LLaMA-architecture language model (Vicuna, SmolLM2, ...) of a Checkpoint as a llama.cpp GGUF (arch `llama`).
 
 Streams tensor by tensor (see gguf_stream); tensor names come from tensor_names, shapes and order from
 shapes.lm_shapes, so the tensor headers are written before any weight is read. Q/K rows are permuted
@@ -14,8 +14,8 @@ from factedge.convert.gguf_stream import PlannedTensor, Progress, add_provenance
 from factedge.convert.shapes import lm_shapes
 from factedge.convert.specs import Checkpoint, LazyTensors, TextSpec
 from factedge.convert.tensor_names import LM_TENSORS, gguf_name, is_rope_permuted
-from factedge.convert.vocab import spm_vocab
-from factedge.edge.prompt import VICUNA_JINJA
+from factedge.convert.chat_template import gguf_chat_template
+from factedge.convert.vocab import Vocab, read_vocab
 from factedge.edge.errors import MismatchError, NumericsError
 from factedge.edge.file_types import lm_base_type
 
@@ -70,6 +70,8 @@ def plan_lm(text: TextSpec, tensors: LazyTensors, ftype: str) -> list[PlannedTen
     loaders = dict(tensors)  # name -> loader (closures only; nothing is loaded here)
     plan = []
     for name, shape in lm_shapes(text).items():
+        if name == "lm_head.weight" and text.tie_word_embeddings:
+            continue  # llama.cpp reads token_embd as the output matrix when `output` is absent
         if name not in loaders:
             raise MismatchError(f"language-model tensor {name} missing from the tensors to write")
         out_name = gguf_name(name, LM_TENSORS)
@@ -80,12 +82,31 @@ def plan_lm(text: TextSpec, tensors: LazyTensors, ftype: str) -> list[PlannedTen
     return plan
 
 
+def add_vocab(writer, vocab: Vocab, text: TextSpec) -> None:
+    """The tokenizer keys llama.cpp reads: model, pre-tokenizer, tokens, scores or merges, types, ids."""
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    if vocab.merges is not None:
+        writer.add_token_merges(vocab.merges)
+    writer.add_bos_token_id(text.bos_token_id)
+    writer.add_eos_token_id(text.eos_token_id)
+    writer.add_unk_token_id(text.unk_token_id)
+    writer.add_pad_token_id(text.pad_token_id)
+    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(False)
+
+
 def _metadata(ckpt: Checkpoint, ftype: str, name: str, extra_kv: dict[str, Any]):
     from gguf import GGML_QUANT_VERSION, GGUFType
 
     text = ckpt.text
     _, file_type = ftype_types(ftype)
-    vocab = spm_vocab(ckpt.tokenizer_dir, text.vocab_size)
+    vocab = read_vocab(ckpt.tokenizer_dir, text.vocab_size)
+    template = gguf_chat_template(Path(ckpt.tokenizer_dir))
 
     def add(writer) -> None:
         writer.add_type(GGUFType.MODEL)
@@ -102,18 +123,8 @@ def _metadata(ckpt: Checkpoint, ftype: str, name: str, extra_kv: dict[str, Any])
         writer.add_rope_dimension_count(text.hidden_size // text.num_heads)
         writer.add_rope_freq_base(text.rope_theta)
         writer.add_layer_norm_rms_eps(text.rms_norm_eps)
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(vocab.tokens)
-        writer.add_token_scores(vocab.scores)
-        writer.add_token_types(vocab.types)
-        writer.add_bos_token_id(text.bos_token_id)
-        writer.add_eos_token_id(text.eos_token_id)
-        writer.add_unk_token_id(text.unk_token_id)
-        writer.add_pad_token_id(text.pad_token_id)
-        writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
-        writer.add_chat_template(VICUNA_JINJA)  # the template edge.prompt formats with
+        add_vocab(writer, vocab, text)
+        writer.add_chat_template(template)  # the format edge.chat_format renders prompts with
         add_provenance(writer, ckpt.layout, "language_model", extra_kv)
 
     return add

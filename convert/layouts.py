@@ -202,11 +202,15 @@ def _projector_type(cfg: dict[str, Any], cfg_path: Path) -> ProjectorType:
     return projector(cfg.get("mm_projector_type"), cfg_path).name
 
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
 def _tokenizer_files(tok_dir: Path) -> list[Path]:
-    if not (tok_dir / "tokenizer.model").is_file():
-        raise InputError("tokenizer.model missing (the SentencePiece vocab is needed)", tok_dir / "tokenizer.model")
-    names = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-    return [tok_dir / n for n in names if (tok_dir / n).is_file()]
+    """The tokenizer's files: SentencePiece `tokenizer.model` or byte-level BPE `tokenizer.json`, plus configs."""
+    if not any((tok_dir / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        raise InputError("no tokenizer (tokenizer.model or tokenizer.json) in the checkpoint", tok_dir)
+    return [tok_dir / n for n in TOKENIZER_FILES if (tok_dir / n).is_file()]
 
 
 def _load_llava_hf(root: Path, vision_tower: str | Path | None) -> Checkpoint:

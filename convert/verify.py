@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from factedge.convert.fidelity import EmbeddingFigures, LogitFigures
 from factedge.convert.reference import TorchLlava
 from factedge.convert.specs import Checkpoint
+from factedge.convert.vocab import is_spm
 from factedge.edge.image import ImageSource, load_image, prepare_image
 from factedge.edge.manifest import Manifest, read_manifest
 from factedge.edge.prompt import single_turn, split_at_images
@@ -130,13 +131,35 @@ def logit_figures(ref: TorchLlava, model: Model, encoder: ImageEncoder, image: n
     return LogitFigures.compare(want, got, greedy_ref, greedy_gguf)
 
 
-def tokenizer_figures(model: Model, ckpt: Checkpoint, texts: Sequence[str]) -> dict[str, Any]:
-    """llama.cpp's tokenisation of the GGUF vs the checkpoint's own HF tokenizer, text by text."""
+# texts beside llama.cpp's test vectors: digit runs, whitespace runs, mixed scripts
+EXTRA_TEXTS = ("3.14159 and 1,000,000 and 12345678", "tabs\tand\n\nnewlines  \n   runs of   spaces",
+               "h\u00e9llo w\u00f6rld \u2014 \u4f60\u597d \U0001f642 \u03a9\u03bc\u03ad\u03b3\u03b1",
+               "don't, won't; it's I'M here")
+
+
+def hf_tokenizer(tokenizer_dir: Path):
+    """The checkpoint's own HF tokenizer: LLaMA's slow legacy SentencePiece one (what LLaVA trained
+    with) for tokenizer.model, the fast tokenizer.json one otherwise."""
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir), use_fast=False, legacy=True)
-    bad = [t for t in texts if model.tokenize(t, add_bos=True, special=False) != hf(t).input_ids]
-    return {"texts": len(texts), "mismatches": len(bad), "first_mismatch": bad[0] if bad else None}
+    if is_spm(tokenizer_dir):
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), use_fast=False, legacy=True)
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def special_texts(hf) -> list[str]:
+    """Texts that hold the tokenizer's special tokens between words (HF splits them out of any text)."""
+    specials = [t for t in hf.all_special_tokens if t][:6]
+    return [f"{a}Hello {b} world{a}\n{b}" for a, b in zip(specials, specials[1:] + specials[:1])]
+
+
+def tokenizer_figures(model: Model, ckpt: Checkpoint, texts: Sequence[str]) -> dict[str, Any]:
+    """llama.cpp's tokenisation of the GGUF vs the checkpoint's own HF tokenizer, text by text: the
+    given texts plus EXTRA_TEXTS as plain text, and special-token texts parsed as HF parses them."""
+    hf = hf_tokenizer(Path(ckpt.tokenizer_dir))
+    cases = [(t, False) for t in [*texts, *EXTRA_TEXTS]] + [(t, True) for t in special_texts(hf)]
+    bad = [t for t, special in cases if model.tokenize(t, add_bos=True, special=special) != hf(t).input_ids]
+    return {"texts": len(cases), "mismatches": len(bad), "first_mismatch": bad[0] if bad else None}
 
 
 def verify_files(ckpt: Checkpoint, files: dict[str, Path], mmprojs: dict[str, Path], *,

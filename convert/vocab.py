@@ -1,4 +1,4 @@
-"""The SentencePiece vocab and chat template that go into the language-model GGUF.
+"""The vocabulary that goes into the language-model GGUF: SentencePiece (LLaMA/Vicuna) or BPE.
 
 llama.cpp tokenizes from the GGUF alone, so the GGUF must carry every piece with its score and type
 (byte-fallback pieces included) plus the tokens added on top (llava-hf's `<image>`, `<pad>`), and the
@@ -21,11 +21,31 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 @dataclass(frozen=True)
 class Vocab:
-    """Parallel lists, one entry per token id (length == embedding rows)."""
+    """Parallel lists, one entry per token id (length == embedding rows), and how llama.cpp reads them:
+    model "llama" (SentencePiece: scores rank the merges) or "gpt2" (byte-level BPE: merges, `pre`)."""
 
     tokens: list[bytes]
-    scores: list[float]
+    scores: list[float] | None
     types: list[int]
+    model: str = "llama"
+    pre: str = "default"
+    merges: list[str] | None = None
+    add_bos: bool = True
+
+
+def read_vocab(tokenizer_dir: str | Path, n_rows: int) -> Vocab:
+    """tokenizer.model (SentencePiece) when present, else tokenizer.json (byte-level BPE)."""
+    folder = Path(tokenizer_dir)
+    if (folder / "tokenizer.model").is_file() or not (folder / "tokenizer.json").is_file():
+        return spm_vocab(folder, n_rows)
+    from factedge.convert.vocab_bpe import bpe_vocab
+
+    return bpe_vocab(folder, n_rows)
+
+
+def is_spm(tokenizer_dir: str | Path) -> bool:
+    """Whether a folder's tokenizer is LLaMA's SentencePiece (what LLaVA's Vicuna template goes with)."""
+    return (Path(tokenizer_dir) / "tokenizer.model").is_file()
 
 
 def _load_spm(path: Path):
@@ -53,7 +73,7 @@ def _piece_type(spm, i: int) -> int:
     return NORMAL
 
 
-def _looks_special(token: str) -> bool:
+def looks_special(token: str) -> bool:
     """llama.cpp's converter heuristic for added tokens that should be CONTROL though not flagged."""
     return token in ("<pad>", "<mask>") or (token.startswith("<|") and token.endswith("|>"))
 
@@ -79,7 +99,7 @@ def spm_vocab(tokenizer_dir: str | Path, n_rows: int) -> Vocab:
             continue  # <unk>, <s>, </s> restated by tokenizer_config: keep the SPM entry
         if token_id >= n_rows:
             raise MismatchError(f"added token {token!r} has id {token_id} >= {n_rows} embedding rows", tokenizer_dir)
-        is_special = special.get(token, False) or _looks_special(token)
+        is_special = special.get(token, False) or looks_special(token)
         tokens[token_id] = token.encode("utf-8") if is_special else token.replace("\u2581", " ").encode("utf-8")
         scores[token_id] = -1000.0
         types[token_id] = CONTROL if is_special else USER_DEFINED

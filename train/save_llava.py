@@ -17,14 +17,12 @@ from pathlib import Path
 import torch
 
 from factedge.edge.atomic import building_dir
+from factedge.convert.layouts import TOKENIZER_FILES
 from factedge.convert.reference import vision_config
 from factedge.edge.errors import OutputError
 from factedge.train.base import tiny
 from factedge.train.model import LlavaForTraining
 from factedge.train.base.tensor_files import WeightFormat, save_checkpoint, save_tensors, write_hf_json
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-
 
 def projector_state(model: LlavaForTraining, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The projector under LLaVA's names: `weight`/`bias` of a bare nn.Linear for "linear",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -111,19 +112,21 @@ def _clip_vision_config(vision: VisionSpec, projection_dim: int) -> dict:
     }
 
 
-def _llava_hf_config(text: TextSpec, vision: VisionSpec) -> dict:
-    text_cfg = {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+def llava_hf_config(text: TextSpec, vision: VisionSpec, image_token_id: int = IMAGE_TOKEN_ID,
+                    pad_token_id: int = PAD_TOKEN_ID_HF, lm_name: str = "lmsys/vicuna-7b-v1.5") -> dict:
+    """config.json of a llava-hf hub folder (as the 4.36-era conversion script wrote it)."""
+    text_cfg = {"_name_or_path": lm_name, "architectures": ["LlamaForCausalLM"],
                 **_llama_config(text, torch.float16)}
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "ignore_index": -100,
         "image_seq_length": vision.tokens_per_image,
-        "image_token_index": IMAGE_TOKEN_ID,
+        "image_token_index": image_token_id,
         "model_type": "llava",
-        "pad_token_id": PAD_TOKEN_ID_HF,
+        "pad_token_id": pad_token_id,
         "projector_hidden_act": "gelu",
         "text_config": text_cfg,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": text.tie_word_embeddings,
         "torch_dtype": "float16",
         "transformers_version": "4.36.0.dev0",
         "vision_config": _clip_vision_config(vision, tw.ClipTextShape().projection_dim),
@@ -222,7 +225,7 @@ def _write_llava_hf(out: Path, text: TextSpec, vision: VisionSpec, sharded: bool
     sd.update({f"multi_modal_projector.{hf_names[k[0]]}.{k[2:]}": v for k, v in proj.items()})
     sd.update({f"language_model.{k}": v for k, v in tw.text_weights(text, seed, dtype=torch.float16).items()})
     save_checkpoint(out, _cast(sd, torch.float16), "safetensors", n_shards=2 if sharded else 1)
-    write_hf_json(out / "config.json", _llava_hf_config(text, vision))
+    write_hf_json(out / "config.json", llava_hf_config(text, vision))
     write_hf_json(out / "generation_config.json", generation_config(PAD_TOKEN_ID_HF, "4.36.0.dev0"))
     write_tokenizer(out, tok, hf=True)
     size = vision.image_size
@@ -251,22 +254,24 @@ def _write_llava_hf(out: Path, text: TextSpec, vision: VisionSpec, sharded: bool
     return out
 
 
-def _write_llava_model(folder: Path, text: TextSpec, vision: VisionSpec, projector: ProjectorType, clip_dir: Path,
-                       dtype: torch.dtype, sharded: bool, seed: int, tok: bytes) -> Path:
-    """An original-LLaVA `LlavaLlamaForCausalLM` folder (state-dict order: LM, norm, projector, head)."""
+def write_llava_model(folder: Path, text: TextSpec, vision: VisionSpec, projector: ProjectorType, clip_dir: Path,
+                      dtype: torch.dtype, sharded: bool, seed: int, tokenizer: Callable[[Path], None]) -> Path:
+    """An original-LLaVA `LlavaLlamaForCausalLM` folder (state-dict order: LM, norm, projector, head;
+    no head when the embeddings are tied, as HF's save drops it); `tokenizer(folder)` writes its files."""
     folder.mkdir(parents=True, exist_ok=True)
-    lm = tw.text_weights(text, seed, dtype=dtype)
+    lm = tw.text_weights(text, seed, base_vocab=text.vocab_size, dtype=dtype)
     head = lm.pop("lm_head.weight")
     sd = dict(lm)
     proj = tw.projector_weights(projector, vision, text, seed)
     if projector == "linear":  # a bare nn.Linear in LLaVA, not an nn.Sequential: no index
         proj = {k.removeprefix("0."): v for k, v in proj.items()}
     sd.update({f"model.mm_projector.{k}": v for k, v in proj.items()})
-    sd["lm_head.weight"] = head
+    if not text.tie_word_embeddings:
+        sd["lm_head.weight"] = head
     save_checkpoint(folder, _cast(sd, dtype), "bin", n_shards=2 if sharded else 1)
     write_hf_json(folder / "config.json", llava_config(text, vision, projector, clip_dir, dtype))
     write_hf_json(folder / "generation_config.json", generation_config(text.pad_token_id, "4.31.0"))
-    write_tokenizer(folder, tok, hf=False)
+    tokenizer(folder)
     return folder
 
 
@@ -343,13 +348,13 @@ def build_tiny(
         clip_dir = out / clip_folder_name(image_size)
         write_clip(clip_dir, vision, seed)
         model = out / f"llava-v1.5-tiny-{image_size}"
-        return _write_llava_model(model, text, vision, projector or "mlp2x_gelu", clip_dir, torch.float16,
-                                  sharded is not False, seed, tok)
+        return write_llava_model(model, text, vision, projector or "mlp2x_gelu", clip_dir, torch.float16,
+                                 sharded is not False, seed, lambda folder: write_tokenizer(folder, tok, hf=False))
     root = out / f"LLaVA-RLHF-tiny-{image_size}"
     clip_dir = root / clip_folder_name(image_size)
     write_clip(clip_dir, vision, seed)
-    sft = _write_llava_model(root / "sft_model", text, vision, projector or "linear", clip_dir,
-                             torch.bfloat16, sharded is not False, seed, tok)
+    sft = write_llava_model(root / "sft_model", text, vision, projector or "linear", clip_dir,
+                            torch.bfloat16, sharded is not False, seed, lambda folder: write_tokenizer(folder, tok, hf=False))
     write_lora_adapter(root / "rlhf_lora_adapter_model", sft, seed, adapter_format, text=text)
     return root
 

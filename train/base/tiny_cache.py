@@ -21,11 +21,12 @@ from typing import Iterator
 
 from factedge.train.base.spm_vocab import default_vocab_path
 from factedge.train.base.tiny import build_tiny, clip_folder_name
+from factedge.train.base.tiny_smol import build_tiny_smol
 
 ENV_TEST_CACHE = "FACTEDGE_TEST_CACHE"
 _MARKER = ".complete"
 STALE_AFTER_S = 3600
-_SOURCES = ("tiny.py", "tiny_weights.py", "tensor_files.py", "spm_vocab.py", "tiny_cache.py")
+_SOURCES = ("tiny.py", "tiny_weights.py", "tensor_files.py", "spm_vocab.py", "tiny_cache.py", "smol.py", "tiny_smol.py")
 
 
 @dataclass(frozen=True)
@@ -108,17 +109,19 @@ def cached_tiny(
     adapter_format: str = "bin",
     cache_dir: str | Path | None = None,
     vocab_gguf: str | Path | None = None,
+    lm: str = "vicuna",
 ) -> TinyCheckpoint:
-    """`build_tiny` once per (builder source, vocab, parameters); later calls reuse the folder."""
+    """`build_tiny` once per (builder source, vocab, parameters); later calls reuse the folder.
+    lm "smollm2": the LLaVA-on-SmolLM2 build of tiny_smol (llava-hf or llava layout)."""
     vocab = Path(vocab_gguf) if vocab_gguf else default_vocab_path()
     # resolve defaults so that equivalent requests share one build
     projector = projector or ("linear" if layout == "llava-rlhf" else "mlp2x_gelu")
     sharded = bool(sharded) if layout == "llava-hf" else sharded is not False
     params = {"layout": layout, "image_size": image_size, "projector": projector, "sharded": sharded,
-              "seed": seed, "adapter_format": adapter_format}
+              "seed": seed, "adapter_format": adapter_format, **({"lm": lm} if lm != "vicuna" else {})}
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    parts = [layout, str(image_size), projector, "sharded" if layout == "llava-hf" and sharded else "",
+    parts = [layout, "" if lm == "vicuna" else lm, str(image_size), projector, "sharded" if layout == "llava-hf" and sharded else "",
              "1file" if layout != "llava-hf" and not sharded else "",
              "adapter-st" if adapter_format == "safetensors" else "", f"s{seed}"]
     variant = "-".join(p for p in parts if p)  # readable; the hash below decides
@@ -132,9 +135,13 @@ def cached_tiny(
             if folder.exists():
                 shutil.rmtree(folder)  # an interrupted build
             # llava-hf files go one level down, so the model folder holds exactly the hub's files
-            target = folder / "llava-1.5-tiny-hf" if layout == "llava-hf" else folder
-            built = build_tiny(layout, target, image_size=image_size, projector=projector, sharded=sharded,
-                               seed=seed, adapter_format=adapter_format, vocab_gguf=vocab)
+            hf_name = "llava-1.5-tiny-hf" if lm == "vicuna" else f"llava-{lm}-tiny-hf"
+            target = folder / hf_name if layout == "llava-hf" else folder
+            if lm == "smollm2":
+                built = build_tiny_smol(layout, target, image_size=image_size, seed=seed)  # type: ignore[arg-type]
+            else:
+                built = build_tiny(layout, target, image_size=image_size, projector=projector, sharded=sharded,
+                                   seed=seed, adapter_format=adapter_format, vocab_gguf=vocab)
             rel = built.relative_to(folder).as_posix() or "."
             tmp = record.with_name(record.name + ".tmp")
             tmp.write_text(rel + "\n")

@@ -29,6 +29,10 @@ EMBED_STD = 1.0
 NORM_JITTER = 0.1  # norm weights 1 + N(0, 0.1)
 BIAS_STD = 0.05
 LORA_B_STD = 0.1  # merged delta ~ 25% of the base weight's scale: visible, sane
+# A tied head reads the embedding back, so a token's own logit dominates and greedy repeats it unless
+# the layers write more into the residual stream than the embedding put there (16 distinct greedy
+# tokens out of 16 at 4x on the tiny SmolLM2 build, one repeated token at 1x).
+TIED_RESIDUAL_GAIN = 4.0
 
 
 def tiny_text(vocab_size: int = 32000) -> TextSpec:
@@ -102,6 +106,7 @@ def text_weights(spec: TextSpec, seed: int, base_vocab: int = 32000,
     dtype: each tensor is drawn in float32 and cast at once (same values as casting the whole dict
     later), so building a GB-sized model needs about its final size of RAM, not twice that."""
     h, f = spec.hidden_size, spec.intermediate_size
+    residual = TIED_RESIDUAL_GAIN if spec.tie_word_embeddings else 1.0
     head_dim = h // spec.num_heads
     kv = spec.num_kv_heads * head_dim
 
@@ -122,11 +127,11 @@ def text_weights(spec: TextSpec, seed: int, base_vocab: int = 32000,
         _linear(layer, seed, f"{p}.self_attn.q_proj", h, h, gain=QK_GAIN)
         _linear(layer, seed, f"{p}.self_attn.k_proj", kv, h, gain=QK_GAIN)
         _linear(layer, seed, f"{p}.self_attn.v_proj", kv, h)
-        _linear(layer, seed, f"{p}.self_attn.o_proj", h, h)
+        _linear(layer, seed, f"{p}.self_attn.o_proj", h, h, gain=residual)
         _norm(layer, seed, f"{p}.post_attention_layernorm", h, bias=False)
         _linear(layer, seed, f"{p}.mlp.gate_proj", f, h)
         _linear(layer, seed, f"{p}.mlp.up_proj", f, h)
-        _linear(layer, seed, f"{p}.mlp.down_proj", h, f)
+        _linear(layer, seed, f"{p}.mlp.down_proj", h, f, gain=residual)
         sd.update(cast(layer))
     final: dict[str, torch.Tensor] = {}
     _norm(final, seed, "model.norm", h, bias=False)
