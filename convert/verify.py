@@ -21,9 +21,10 @@ from factedge.convert.specs import Checkpoint
 from factedge.convert.vocab import is_spm
 from factedge.edge.image import ImageSource, load_image, prepare_image
 from factedge.edge.manifest import Manifest, read_manifest
-from factedge.edge.prompt import single_turn, split_at_images
+from factedge.edge.prompt import prompt_pieces, single_turn
 from factedge.edge.image_encoder import ImageEncoder
 from factedge.edge.runtime import Context, ContextOptions, LoraAdapter, Model
+from factedge.edge.vision_model import model_format
 
 # promised figures, by file dtype (others are reported, not enforced). F32 must be exact up to float
 # rounding: missing that is a converter or runtime bug. Quantized files are reported: their top-1
@@ -100,8 +101,9 @@ class VerifyReport:
 
 
 def prompt_segments(model: Model, question: str) -> list[list[int] | None]:
-    """LLaVA's single-turn prompt as token pieces (None = the image), tokenised by the GGUF."""
-    return split_at_images(single_turn(question), lambda text, bos: model.tokenize(text, add_bos=bos, special=False))
+    """A single-turn prompt in the model's own format as token pieces (None = the image), tokenised
+    by the GGUF as the edge tokenises it."""
+    return prompt_pieces(single_turn(question, 1, model_format(model, None)), model.tokenize)
 
 
 def embedding_figures(ref: TorchLlava, encoder: ImageEncoder, images, image_size: int, pad) -> list[EmbeddingFigures]:

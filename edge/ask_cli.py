@@ -31,7 +31,7 @@ from factedge.edge.inspect import check_bundle, describe_gguf
               help="answer with the base (SFT) model and with the LoRA adapter (RLHF), side by side")
 @adapter_scale_option
 def ask(question, model, image, images, batch_file, out, parallel, seq_ctx, fast_batch, overwrite, mmproj, adapter,
-        quant, temperature, top_p, top_k, max_tokens, seed, threads, n_gpu_layers, as_json, stats, compare_adapters,
+        quant, chat_format, temperature, top_p, top_k, max_tokens, seed, threads, n_gpu_layers, as_json, stats, compare_adapters,
         adapter_scale):
     """Answer QUESTION about --image with a converted model, or many questions (--images, --batch) into a
     JSONL file (resumable: run it again after an interruption)."""
@@ -40,7 +40,7 @@ def ask(question, model, image, images, batch_file, out, parallel, seq_ctx, fast
     from factedge.edge.vision_model import ModelOptions
 
     check_sources(image, images, batch_file, question)
-    options = ModelOptions(threads=threads, n_gpu_layers=n_gpu_layers, adapter_scale=adapter_scale,
+    options = ModelOptions(threads=threads, n_gpu_layers=n_gpu_layers, adapter_scale=adapter_scale, chat_format=chat_format,
                           sampling=sampling_from(temperature, top_p, top_k, max_tokens, seed))
     if images is not None or batch_file is not None:
         batch = BatchOptions(parallel=parallel, seq_ctx=seq_ctx, exact=not fast_batch).check()

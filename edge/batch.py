@@ -34,7 +34,7 @@ from factedge.edge.context_owner import ContextOwner
 from factedge.edge.errors import ConfigError, ContextFullError, FactedgeError, InputError
 from factedge.edge.image import ImageSource
 from factedge.edge.image_cache import ChatImage, ImageCache
-from factedge.edge.prompt import SYSTEM, Conversation, Turn, prompt_pieces
+from factedge.edge.prompt import Conversation, Turn, prompt_pieces
 from factedge.edge.runtime import MAX_SEQ, Context, ContextOptions
 from factedge.edge.sampling import Sampler, SamplingOptions
 from factedge.edge.text_stream import TextStream
@@ -52,7 +52,7 @@ class BatchOptions:
     image_cache: int = 16  # distinct image embeddings kept (LRU)
     image_prefixes: int = 4  # "<system> USER: <image>" prompts kept in the KV pool for later questions (LRU)
     exact: bool = True  # one sequence per generation decode: the one-at-a-time answers; False: all in one call
-    system: str = SYSTEM
+    system: str | None = None  # None: the model's default system prompt
 
     def check(self) -> "BatchOptions":
         if not 1 <= self.parallel < MAX_SEQ:
@@ -151,7 +151,7 @@ class BatchSession(ContextOwner):
 
     def _image_prefix(self) -> list[int]:
         """The token ids before the image in every image question: "<BOS><system> USER: "."""
-        text = Conversation(self.options.system, [Turn("?", None, 1)]).text()
+        text = Conversation(self.options.system, [Turn("?", None, 1)], self.vision.chat_format).text()
         return list(prompt_pieces(text, self.model.tokenize)[0] or [])
 
     # -- the public loop ------------------------------------------------------------------------
@@ -252,7 +252,7 @@ class BatchSession(ContextOwner):
         images = [self._images.encode(src, stats) for src in sources]
         turns.append(Turn(request.question, None, len(current)))
         system = self.options.system if request.system is None else request.system
-        pieces = prompt_pieces(Conversation(system, turns).text(), self.model.tokenize)
+        pieces = prompt_pieces(Conversation(system, turns, self.vision.chat_format).text(), self.model.tokenize)
         if sum(p is None for p in pieces) != len(images):
             raise InputError("a message must not contain the image marker '<image>' itself")
         it = iter(images)

@@ -27,7 +27,7 @@ from factedge.edge.context_owner import ContextOwner
 from factedge.edge.errors import ClosedError, ConfigError, ContextFullError, FactedgeError, InputError
 from factedge.edge.image import ImageSource
 from factedge.edge.image_cache import ChatImage, ImageCache
-from factedge.edge.prompt import SYSTEM, Conversation, Turn, count_images, prompt_pieces
+from factedge.edge.prompt import Conversation, Turn, count_images, prompt_pieces
 from factedge.edge.runtime import Context, ContextOptions, LoraAdapter
 from factedge.edge.sampling import Sampler, SamplingOptions
 from factedge.edge.text_stream import TextStream
@@ -40,7 +40,7 @@ OVERFLOW = ("error", "drop_oldest")
 
 @dataclass
 class SessionOptions:
-    system: str = SYSTEM
+    system: str | None = None  # None: the model's default (Vicuna's for LLaVA, its template's otherwise)
     n_ctx: int = 4096
     kv_type: str = "f16"
     n_batch: int = 512  # llama.cpp's numerics depend on the batch shape above 32 rows; <= 32 is exact
@@ -167,7 +167,8 @@ class ChatSession(ContextOwner):
         """(per-position keys, feedable segments) of the prompt for these turns (+ a pending one)."""
         all_turns = turns + ([pending] if pending else [])
         done = [Turn(t.user, t.assistant or "", len(t.images)) for t in turns]  # "": an abandoned stream
-        conv = Conversation(self.options.system, done + ([Turn(pending.user, None, len(pending.images))] if pending else []))
+        conv = Conversation(self.options.system, done + ([Turn(pending.user, None, len(pending.images))] if pending else []),
+                            self.vision.chat_format)
         pieces = self._tokenize(conv.text(), self._spliced(done, turns))
         images = [im for t in all_turns for im in t.images]
         if count_images(pieces) != len(images):
@@ -189,12 +190,13 @@ class ChatSession(ContextOwner):
         """(start, end, ids): spans of the prompt text that are generated answers with known ids.
 
         A turn's answer starts right after the prompt that asked it ("... ASSISTANT:"); its ids spell
-        the template's separator space and the answer, and end before the turn's "</s>"."""
-        spans = []
+        what the template writes before the answer (Vicuna's separator space) and the answer, and end
+        before the turn's closing token ("</s>", "<|im_end|>")."""
+        spans, fmt = [], self.vision.chat_format
         for i, t in enumerate(turns):
             if t.answer_ids:
-                asked = Conversation(self.options.system, done[:i] + [replace(done[i], assistant=None)]).text()
-                spans.append((len(asked), len(asked) + 1 + len(done[i].assistant), t.answer_ids))
+                asked = Conversation(self.options.system, done[:i] + [replace(done[i], assistant=None)], fmt).text()
+                spans.append((len(asked), len(asked) + len(fmt.answer_lead) + len(done[i].assistant), t.answer_ids))
         return spans
 
     def _tokenize(self, text: str, spliced: list[tuple[int, int, list[int]]]) -> list[list[int] | None]:

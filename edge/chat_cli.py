@@ -18,7 +18,7 @@ from factedge.edge.cli_options import (adapter_scale_option, image_option, model
 @sampling_options
 @runtime_options
 @click.option("--stats", is_flag=True, help="print image-encode time and tokens/s after each answer")
-def chat(model, image, mmproj, adapter, quant, adapter_scale, n_ctx, temperature, top_p, top_k, max_tokens, seed,
+def chat(model, image, mmproj, adapter, quant, chat_format, adapter_scale, n_ctx, temperature, top_p, top_k, max_tokens, seed,
          threads, n_gpu_layers, stats):
     """Chat with a converted model about images (/help inside lists the commands)."""
     from factedge.edge.chat import ChatSession, SessionOptions
@@ -26,6 +26,7 @@ def chat(model, image, mmproj, adapter, quant, adapter_scale, n_ctx, temperature
     from factedge.edge.vision_model import ModelOptions
 
     options = ModelOptions(n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, adapter_scale=adapter_scale,
+                           chat_format=chat_format,
                            sampling=sampling_from(temperature, top_p, top_k, max_tokens, seed))
     with open_vision(model, mmproj, adapter, quant, options) as vision, \
             ChatSession(vision, SessionOptions(n_ctx=n_ctx)) as session:

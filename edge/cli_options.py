@@ -12,6 +12,8 @@ from typing import Callable
 
 import click
 
+from factedge.edge.chat_format import FORMATS
+
 
 def _stack(*decorators: Callable) -> Callable:
     """Apply click decorators in the order written (the first one is the first option in --help)."""
@@ -23,13 +25,15 @@ def _stack(*decorators: Callable) -> Callable:
 
 
 def model_options(f: Callable) -> Callable:
-    """--model (bundle folder or GGUF), --mmproj, --adapter, --quant."""
+    """--model (bundle folder or GGUF), --mmproj, --adapter, --quant, --chat-format."""
     return _stack(
         click.option("--model", "model", required=True, type=click.Path(path_type=Path),
                      help="a bundle folder from `factedge convert`, or a model GGUF (then give --mmproj)"),
         click.option("--mmproj", type=click.Path(path_type=Path), help="mmproj GGUF (when --model is a file)"),
         click.option("--adapter", type=click.Path(path_type=Path), help="LoRA adapter GGUF (when --model is a file)"),
         click.option("--quant", help="which model file of the bundle (e.g. Q4_K_M, Q8_0, F16)"),
+        click.option("--chat-format", type=click.Choice(sorted(FORMATS)),
+                     help="conversation format (default: the one the model's GGUF chat template renders like)"),
     )(f)
 
 

@@ -1,4 +1,6 @@
-"""The conversation template LLaVA (and LLaVA-RLHF) was trained with, in one place.
+"""Prompts: LLaVA's Vicuna v1 template in one place, and the one tokenisation every caller shares.
+
+Other models' formats (ChatML, ...) are `edge.chat_format.ChatFormat`s; `Conversation` renders any.
 
 Vicuna v1 as LLaVA's `conv_vicuna_v1`: the system prompt, a space, then `USER: <msg> ASSISTANT: <reply></s>`
 per turn; the first user turn carries the image as `<image>\\n<question>` (mm_use_im_start_end off).
@@ -13,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
+from factedge.edge.chat_format import VICUNA_SYSTEM, VICUNA_V1, ChatFormat
+
+SYSTEM = VICUNA_SYSTEM
 IMAGE = "<image>"
 USER, ASSISTANT, SEP, EOS = "USER", "ASSISTANT", " ", "</s>"
 
@@ -50,23 +51,21 @@ class Turn:
 
 @dataclass
 class Conversation:
-    """A Vicuna v1 conversation; images are placed before the text of the turn that has them."""
+    """A conversation in a format (LLaVA's Vicuna v1 unless given); images are placed before the text
+    of the turn that has them. system None: the format's default system prompt."""
 
-    system: str = SYSTEM
+    system: str | None = SYSTEM
     turns: list[Turn] = field(default_factory=list)
+    fmt: ChatFormat = VICUNA_V1
 
     def text(self) -> str:
-        out = self.system + SEP
-        for turn in self.turns:
-            user = (IMAGE + "\n") * turn.n_images + turn.user
-            out += f"{USER}: {user}{SEP}"
-            out += f"{ASSISTANT}: {turn.assistant}{EOS}" if turn.assistant is not None else f"{ASSISTANT}:"
-        return out
+        system = self.fmt.default_system if self.system is None else self.system
+        return self.fmt.render(system, [(t.user, t.assistant, t.n_images) for t in self.turns])
 
 
-def single_turn(question: str, n_images: int = 1) -> str:
-    """The prompt of a one-question chat, ready for generation."""
-    return Conversation(turns=[Turn(question, n_images=n_images)]).text()
+def single_turn(question: str, n_images: int = 1, fmt: ChatFormat = VICUNA_V1) -> str:
+    """The prompt of a one-question chat (the format's default system prompt), ready for generation."""
+    return Conversation(None, [Turn(question, n_images=n_images)], fmt).text()
 
 
 def split_at_images(text: str, tokenize: Callable[[str, bool], list[int]]) -> list[list[int] | None]:

@@ -106,7 +106,8 @@ class Model(OwnedHandle):
 
     def __init__(self, path: Path, *, n_gpu_layers: int = 0, vocab_only: bool = False):
         self.path = require_file(path, "model GGUF")
-        preflight(self.path, "vocab" if vocab_only else "model")
+        template = preflight(self.path, "vocab" if vocab_only else "model").metadata.get("tokenizer.chat_template")
+        self.chat_template: str | None = template if isinstance(template, str) else None  # edge.chat_format
         params = _llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.vocab_only = vocab_only

@@ -30,7 +30,7 @@ from factedge.edge.cli_options import batch_options, model_options, n_ctx_option
 @n_ctx_option
 @runtime_options
 @click.option("--verbose", is_flag=True, help="log every request to stderr")
-def serve(model, mmproj, adapter, quant, host, port, api_key, max_request_bytes, max_queue, allow_dirs,
+def serve(model, mmproj, adapter, quant, chat_format, host, port, api_key, max_request_bytes, max_queue, allow_dirs,
           allowed_hosts, socket_timeout, max_connections, parallel, seq_ctx, fast_batch, n_ctx, threads, n_gpu_layers,
           verbose):
     """Serve /v1/chat/completions and /v1/models (OpenAI-compatible) for a converted model."""
@@ -45,7 +45,7 @@ def serve(model, mmproj, adapter, quant, host, port, api_key, max_request_bytes,
                             exact=not fast_batch).check()
     log = (lambda line: click.echo(line, err=True)) if verbose else None
     with open_vision(model, mmproj, adapter, quant, ModelOptions(n_ctx=n_ctx, threads=threads,
-                                                                n_gpu_layers=n_gpu_layers)) as chat:
+                                                                n_gpu_layers=n_gpu_layers, chat_format=chat_format)) as chat:
         server = ChatServer(chat, options, log=log)
         try:
             if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

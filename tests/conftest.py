@@ -84,3 +84,16 @@ def make_bundle(tmp_path_factory, native_tools):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_smol_hf() -> TinyCheckpoint:
+    """llava-hf folder on SmolLM2 (real BPE tokenizer + <image>, GQA 4/2, tied head), written by the
+    installed transformers' save_pretrained; 224 px."""
+    return cached_tiny("llava-hf", image_size=224, lm="smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_smol() -> TinyCheckpoint:
+    """Original-LLaVA folder on SmolLM2 (tokenizer.json, no <image> token), CLIP beside it; 224 px."""
+    return cached_tiny("llava", image_size=224, lm="smollm2")
