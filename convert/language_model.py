@@ -15,7 +15,8 @@ from factedge.convert.shapes import lm_shapes
 from factedge.convert.specs import Checkpoint, LazyTensors, TextSpec
 from factedge.convert.tensor_names import LM_TENSORS, gguf_name, is_rope_permuted
 from factedge.convert.chat_template import gguf_chat_template
-from factedge.convert.vocab import Vocab, read_vocab
+from factedge.convert.vocab import Vocab
+from factedge.convert.vocab_read import read_vocab
 from factedge.edge.errors import MismatchError, NumericsError
 from factedge.edge.file_types import lm_base_type
 

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from factedge.convert.fidelity import EmbeddingFigures, LogitFigures
 from factedge.convert.reference import TorchLlava
 from factedge.convert.specs import Checkpoint
-from factedge.convert.vocab import is_spm
+from factedge.convert.vocab_read import is_spm
 from factedge.edge.image import ImageSource, load_image, prepare_image
 from factedge.edge.manifest import Manifest, read_manifest
 from factedge.edge.prompt import prompt_pieces, single_turn

@@ -33,21 +33,6 @@ class Vocab:
     add_bos: bool = True
 
 
-def read_vocab(tokenizer_dir: str | Path, n_rows: int) -> Vocab:
-    """tokenizer.model (SentencePiece) when present, else tokenizer.json (byte-level BPE)."""
-    folder = Path(tokenizer_dir)
-    if (folder / "tokenizer.model").is_file() or not (folder / "tokenizer.json").is_file():
-        return spm_vocab(folder, n_rows)
-    from factedge.convert.vocab_bpe import bpe_vocab
-
-    return bpe_vocab(folder, n_rows)
-
-
-def is_spm(tokenizer_dir: str | Path) -> bool:
-    """Whether a folder's tokenizer is LLaMA's SentencePiece (what LLaVA's Vicuna template goes with)."""
-    return (Path(tokenizer_dir) / "tokenizer.model").is_file()
-
-
 def _load_spm(path: Path):
     from sentencepiece import SentencePieceProcessor
 

@@ -163,6 +163,11 @@ class ChatSession(ContextOwner):
             raise ConfigError("this model was opened without an mmproj; it cannot take images")
         return [self._images.encode(src, stats) for src in sources]
 
+    @property
+    def system(self) -> str | None:
+        """The system prompt in use: the one set, else the model's format's default."""
+        return self.vision.chat_format.default_system if self.options.system is None else self.options.system
+
     def _render(self, turns: list[ChatTurn], pending: ChatTurn | None = None) -> tuple[list, list]:
         """(per-position keys, feedable segments) of the prompt for these turns (+ a pending one)."""
         all_turns = turns + ([pending] if pending else [])

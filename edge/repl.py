@@ -142,7 +142,7 @@ class ChatRepl:
     def transcript(self) -> dict:
         """The conversation as plain data: system prompt, and per turn the question, the answer and
         the images (by the path they were attached from, and their content hash)."""
-        return {"system": self.session.options.system,
+        return {"system": self.session.system,
                 "turns": [{"user": t.user, "assistant": t.assistant,
                            "images": [{"path": self.state.names.get(im.key), "sha256": im.key} for im in t.images]}
                           for t in self.session.turns]}

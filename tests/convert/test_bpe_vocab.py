@@ -18,7 +18,8 @@ import pytest
 from factedge.convert.language_model import add_vocab
 from factedge.convert.pretokenizers import llama_cpp_pre
 from factedge.convert.specs import TextSpec
-from factedge.convert.vocab import CONTROL, USER_DEFINED, read_vocab
+from factedge.convert.vocab import CONTROL, USER_DEFINED
+from factedge.convert.vocab_read import read_vocab
 from factedge.edge.errors import LayoutError
 from factedge.edge.runtime import Model
 from factedge.edge.tokenizer_vectors import read_test_vectors

@@ -71,7 +71,8 @@ def test_tokenizer_vectors_reproduced_exactly(converted, vocab_gguf):
 
     _, bundle, report = converted
     # what `factedge verify` reports: the GGUF against the checkpoint's own HF tokenizer
-    assert report.tokenizer["texts"] == 46 and report.tokenizer["mismatches"] == 0, report.tokenizer
+    # llama.cpp's 46 test texts, 4 more (digits, whitespace, scripts) and 3-4 with special tokens
+    assert report.tokenizer["texts"] >= 53 and report.tokenizer["mismatches"] == 0, report.tokenizer
     with Model(bundle / "model-f32.gguf", vocab_only=True) as model:
         vectors = read_test_vectors(vocab_gguf)
         assert len(vectors) >= 40

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from factedge.convert.specs import LayoutName, TextSpec
+from factedge.convert.specs import LayoutName, TextSpec, VisionSpec
 from factedge.edge.errors import ConfigError
 from factedge.train.base import tiny_weights as tw
 from factedge.train.base.smol import smol_tokenizer, write_smol_tokenizer
@@ -30,6 +30,18 @@ def tiny_smol_text(vocab_rows: int = SMOL_VOCAB) -> TextSpec:
     return TextSpec(vocab_size=vocab_rows, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                     num_kv_heads=2, rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=2048,
                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, unk_token_id=0, pad_token_id=2)
+
+
+def write_preprocessor(out: Path, vision: VisionSpec) -> None:
+    """preprocessor_config.json of a llava-hf folder (CLIPImageProcessor: the image contract)."""
+    size = vision.image_size
+    write_hf_json(out / "preprocessor_config.json", {
+        "crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_convert_rgb": True,
+        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": list(vision.image_mean),
+        "image_processor_type": "CLIPImageProcessor", "image_std": list(vision.image_std),
+        "processor_class": "LlavaProcessor", "resample": 3, "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": size},
+    })  # fmt: skip
 
 
 def _write_llava_hf(out: Path, image_size: int, seed: int) -> Path:
@@ -52,13 +64,7 @@ def _write_llava_hf(out: Path, image_size: int, seed: int) -> Path:
         model = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
         model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
-    write_hf_json(out / "preprocessor_config.json", {
-        "crop_size": {"height": image_size, "width": image_size}, "do_center_crop": True, "do_convert_rgb": True,
-        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": list(vision.image_mean),
-        "image_processor_type": "CLIPImageProcessor", "image_std": list(vision.image_std),
-        "processor_class": "LlavaProcessor", "resample": 3, "rescale_factor": 1 / 255,
-        "size": {"shortest_edge": image_size},
-    })  # fmt: skip
+    write_preprocessor(out, vision)
     return out
 
 
