@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from factedge.convert import hparams
-from factedge.convert.vocab_read import is_spm
+from factedge.convert.hparams import is_spm
 from factedge.edge.errors import ConfigError, CorruptFileError
 from factedge.edge.prompt import VICUNA_JINJA
 

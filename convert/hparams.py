@@ -184,6 +184,11 @@ def _content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def is_spm(tokenizer_dir: str | Path) -> bool:
+    """Whether a folder's tokenizer is LLaMA's SentencePiece `tokenizer.model` (else a tokenizer.json)."""
+    return (Path(tokenizer_dir) / "tokenizer.model").is_file()
+
+
 def added_token_list(data: dict[str, Any], path: Path) -> list[dict[str, Any]]:
     """tokenizer.json's `added_tokens` ([{id, content, special, ...}]), checked."""
     added = data.get("added_tokens") or []
@@ -200,7 +205,7 @@ def added_tokens(tokenizer_dir: Path) -> dict[str, int]:
         found = {str(k): int(v) for k, v in read_json(tokenizer_dir / "added_tokens.json", required=False).items()}
     except (TypeError, ValueError) as exc:
         raise CorruptFileError(f"token ids must be integers ({exc})", tokenizer_dir / "added_tokens.json") from exc
-    if not (tokenizer_dir / "tokenizer.model").is_file():  # a BPE tokenizer.json names its specials here
+    if not is_spm(tokenizer_dir):  # a BPE tokenizer.json names its specials here
         path = tokenizer_dir / "tokenizer.json"
         found.update({a["content"]: a["id"] for a in added_token_list(read_json(path, required=False), path)})
     decoder = read_json(tokenizer_dir / "tokenizer_config.json", required=False).get("added_tokens_decoder") or {}

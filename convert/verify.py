@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from factedge.convert.fidelity import EmbeddingFigures, LogitFigures
 from factedge.convert.reference import TorchLlava
 from factedge.convert.specs import Checkpoint
-from factedge.convert.vocab_read import is_spm
+from factedge.convert.vocab_read import hf_tokenizer
 from factedge.edge.image import ImageSource, load_image, prepare_image
 from factedge.edge.manifest import Manifest, read_manifest
 from factedge.edge.prompt import prompt_pieces, single_turn
@@ -137,16 +137,6 @@ def logit_figures(ref: TorchLlava, model: Model, encoder: ImageEncoder, image: n
 EXTRA_TEXTS = ("3.14159 and 1,000,000 and 12345678", "tabs\tand\n\nnewlines  \n   runs of   spaces",
                "h\u00e9llo w\u00f6rld \u2014 \u4f60\u597d \U0001f642 \u03a9\u03bc\u03ad\u03b3\u03b1",
                "don't, won't; it's I'M here")
-
-
-def hf_tokenizer(tokenizer_dir: Path):
-    """The checkpoint's own HF tokenizer: LLaMA's slow legacy SentencePiece one (what LLaVA trained
-    with) for tokenizer.model, the fast tokenizer.json one otherwise."""
-    from transformers import AutoTokenizer
-
-    if is_spm(tokenizer_dir):
-        return AutoTokenizer.from_pretrained(str(tokenizer_dir), use_fast=False, legacy=True)
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
 def special_texts(hf) -> list[str]:

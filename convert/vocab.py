@@ -33,6 +33,12 @@ class Vocab:
     add_bos: bool = True
 
 
+def padding_rows(n_rows: int) -> tuple[list[bytes], list[int]]:
+    """Tokens and types for an embedding's rows before the tokenizer fills them: `[PAD{id}]`, UNUSED
+    (llava-hf pads the embedding to a multiple of 64, as llama.cpp's own converter names the rows)."""
+    return [f"[PAD{i}]".encode() for i in range(n_rows)], [UNUSED] * n_rows
+
+
 def _load_spm(path: Path):
     from sentencepiece import SentencePieceProcessor
 
@@ -71,9 +77,8 @@ def spm_vocab(tokenizer_dir: str | Path, n_rows: int) -> Vocab:
     n_spm = spm.vocab_size()
     if n_spm > n_rows:
         raise MismatchError(f"tokenizer has {n_spm} pieces but the embedding only {n_rows} rows", model_path)
-    tokens = [f"[PAD{i}]".encode() for i in range(n_rows)]
+    tokens, types = padding_rows(n_rows)
     scores = [-10000.0] * n_rows
-    types = [UNUSED] * n_rows
     for i in range(n_spm):
         tokens[i], scores[i], types[i] = spm.IdToPiece(i).encode("utf-8"), float(spm.GetScore(i)), _piece_type(spm, i)
 

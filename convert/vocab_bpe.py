@@ -15,7 +15,7 @@ from typing import Any
 
 from factedge.convert import hparams
 from factedge.convert.pretokenizers import NORMALIZERS_ACCEPTED, llama_cpp_pre, signature
-from factedge.convert.vocab import CONTROL, NORMAL, UNUSED, USER_DEFINED, Vocab, looks_special
+from factedge.convert.vocab import CONTROL, NORMAL, USER_DEFINED, Vocab, looks_special, padding_rows
 from factedge.edge.errors import CorruptFileError, LayoutError, MismatchError
 
 
@@ -60,8 +60,7 @@ def bpe_vocab(tokenizer_dir: Path, n_rows: int) -> Vocab:
         raise LayoutError(f"pre-tokenizer [{steps[:120]}] has no llama.cpp equivalent{hint}", path)
     if data.get("normalizer") not in NORMALIZERS_ACCEPTED:
         raise LayoutError(f"normalizer {data['normalizer'].get('type')!r} is not supported for BPE", path)
-    tokens = [f"[PAD{i}]".encode() for i in range(n_rows)]
-    types = [UNUSED] * n_rows
+    tokens, types = padding_rows(n_rows)
     for token, token_id in model["vocab"].items():
         if not isinstance(token_id, int) or not 0 <= token_id:
             raise CorruptFileError(f"vocab id of {token!r} is not a token id", path)

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from factedge.edge.answer import Answer, TurnStats
 from factedge.edge.context_owner import ContextOwner
-from factedge.edge.errors import ConfigError, ContextFullError, FactedgeError, InputError
+from factedge.edge.errors import ConfigError, ContextFullError, FactedgeError
 from factedge.edge.image import ImageSource
 from factedge.edge.image_cache import ChatImage, ImageCache
-from factedge.edge.prompt import Conversation, Turn, prompt_pieces
+from factedge.edge.prompt import Conversation, Turn, prompt_pieces, require_images
 from factedge.edge.runtime import MAX_SEQ, Context, ContextOptions
 from factedge.edge.sampling import Sampler, SamplingOptions
 from factedge.edge.text_stream import TextStream
@@ -253,8 +253,7 @@ class BatchSession(ContextOwner):
         turns.append(Turn(request.question, None, len(current)))
         system = self.options.system if request.system is None else request.system
         pieces = prompt_pieces(Conversation(system, turns, self.vision.chat_format).text(), self.model.tokenize)
-        if sum(p is None for p in pieces) != len(images):
-            raise InputError("a message must not contain the image marker '<image>' itself")
+        require_images(pieces, len(images))
         it = iter(images)
         return [next(it) if p is None else p for p in pieces]
 

@@ -27,7 +27,7 @@ from factedge.edge.context_owner import ContextOwner
 from factedge.edge.errors import ClosedError, ConfigError, ContextFullError, FactedgeError, InputError
 from factedge.edge.image import ImageSource
 from factedge.edge.image_cache import ChatImage, ImageCache
-from factedge.edge.prompt import Conversation, Turn, count_images, prompt_pieces
+from factedge.edge.prompt import Conversation, Turn, prompt_pieces, require_images
 from factedge.edge.runtime import Context, ContextOptions, LoraAdapter
 from factedge.edge.sampling import Sampler, SamplingOptions
 from factedge.edge.text_stream import TextStream
@@ -166,7 +166,7 @@ class ChatSession(ContextOwner):
     @property
     def system(self) -> str | None:
         """The system prompt in use: the one set, else the model's format's default."""
-        return self.vision.chat_format.default_system if self.options.system is None else self.options.system
+        return self.vision.chat_format.system_prompt(self.options.system)
 
     def _render(self, turns: list[ChatTurn], pending: ChatTurn | None = None) -> tuple[list, list]:
         """(per-position keys, feedable segments) of the prompt for these turns (+ a pending one)."""
@@ -176,8 +176,7 @@ class ChatSession(ContextOwner):
                             self.vision.chat_format)
         pieces = self._tokenize(conv.text(), self._spliced(done, turns))
         images = [im for t in all_turns for im in t.images]
-        if count_images(pieces) != len(images):
-            raise InputError("a message must not contain the image marker '<image>' itself")
+        require_images(pieces, len(images))
         keys: list[Hashable] = []
         segments: list = []
         it = iter(images)

@@ -34,6 +34,10 @@ class ChatFormat:
     answer: str  # "{text}" -> a finished answer, with the turn's closing tokens
     image: str = "<image>\n"  # one per image, before the turn's text (LLaVA's placement)
 
+    def system_prompt(self, given: str | None) -> str | None:
+        """The system prompt a chat uses: the one given, else this format's default."""
+        return self.default_system if given is None else given
+
     @property
     def answer_lead(self) -> str:
         """What the template writes between `assistant` and the answer's first generated token."""
@@ -52,7 +56,8 @@ VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence 
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 # LLaVA's conv_vicuna_v1 (sep " ", sep2 "</s>"); the answer's ids begin with the separator space.
 VICUNA_V1 = ChatFormat(
-    "vicuna_v1", default_system=VICUNA_SYSTEM, system_block="{text} ", user="USER: {text} ", assistant="ASSISTANT:", answer=" {text}</s>",
+    "vicuna_v1", default_system=VICUNA_SYSTEM,
+    system_block="{text} ", user="USER: {text} ", assistant="ASSISTANT:", answer=" {text}</s>",
 )
 # ChatML (SmolLM2, Qwen2, ...): the image markers open the first user message, as LLaVA places them.
 CHATML = ChatFormat(
@@ -82,7 +87,7 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
     try:
         return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                 bos_token="", eos_token="", raise_exception=raise_exception)
-    except (jinja2.exceptions.TemplateError, TypeError, ValueError) as exc:
+    except (jinja2.exceptions.TemplateError, TypeError, ValueError, RecursionError) as exc:
         raise ConfigError(f"the model's chat template does not render: {exc}") from exc
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from factedge.edge.chat_format import VICUNA_SYSTEM, VICUNA_V1, ChatFormat
+from factedge.edge.errors import InputError
 
 SYSTEM = VICUNA_SYSTEM
 IMAGE = "<image>"
@@ -59,8 +60,7 @@ class Conversation:
     fmt: ChatFormat = VICUNA_V1
 
     def text(self) -> str:
-        system = self.fmt.default_system if self.system is None else self.system
-        return self.fmt.render(system, [(t.user, t.assistant, t.n_images) for t in self.turns])
+        return self.fmt.render(self.fmt.system_prompt(self.system), [(t.user, t.assistant, t.n_images) for t in self.turns])
 
 
 def single_turn(question: str, n_images: int = 1, fmt: ChatFormat = VICUNA_V1) -> str:
@@ -96,5 +96,7 @@ def prompt_pieces(text: str, tokenize: Callable[..., list[int]], *, bos: bool = 
     return split_at_images(text, lambda piece, first: tokenize(piece, add_bos=bos and first, special=True))
 
 
-def count_images(segments: Sequence[list[int] | None]) -> int:
-    return sum(1 for s in segments if s is None)
+def require_images(segments: Sequence[list[int] | None], n_images: int) -> None:
+    """The prompt has one image slot per attached image: a user's literal "<image>" would add one."""
+    if sum(1 for s in segments if s is None) != n_images:
+        raise InputError("a message must not contain the image marker '<image>' itself")

@@ -20,7 +20,7 @@ import torch
 
 from factedge.train.base import tiny_weights as tw
 from factedge.train.base.smol import smol_gguf, smol_tokenizer
-from factedge.train.base.tiny_smol import write_preprocessor
+from factedge.train.base.tiny import write_preprocessor
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 

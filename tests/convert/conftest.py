@@ -81,3 +81,23 @@ def gguf_types(path: Path) -> dict[str, str]:
 def gguf_io() -> SimpleNamespace:
     """GGUF read-back helpers: .tensors(path), .fields(path), .types(path)."""
     return SimpleNamespace(tensors=gguf_tensors, fields=gguf_fields, types=gguf_types)
+
+
+@pytest.fixture(scope="session")
+def convert_and_verify():
+    """`convert_and_verify(request, tmp_path_factory, options, n_greedy=32)` -> (checkpoint, bundle,
+    verify report) for the tiny-checkpoint fixture `request.param`, converted with ConvertOptions(**options)."""
+    return _convert_and_verify
+
+
+def _convert_and_verify(request, tmp_path_factory, options: dict, n_greedy: int = 32):
+    from factedge.convert.bundle import ConvertOptions, convert_checkpoint
+    from factedge.convert.layouts import load_checkpoint
+    from factedge.convert.verify import VerifyOptions, verify_bundle
+
+    tiny = request.getfixturevalue(request.param)
+    ckpt = load_checkpoint(tiny.root)
+    out = tmp_path_factory.mktemp(request.param) / "bundle"
+    convert_checkpoint(tiny.root, out, ConvertOptions(**options), ckpt=ckpt)
+    _, report = verify_bundle(out, ckpt, VerifyOptions(n_greedy=n_greedy))
+    return ckpt, out, report

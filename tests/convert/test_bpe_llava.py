@@ -21,13 +21,8 @@ OPTIONS = dict(base_type="f32", quants=["Q8_0"], mmproj_types=["f32"], verify=Fa
 
 
 @pytest.fixture(scope="module", params=["tiny_llava_smol_hf", "tiny_llava_smol"])
-def smol_converted(request, tmp_path_factory):
-    tiny = request.getfixturevalue(request.param)
-    ckpt = load_checkpoint(tiny.root)
-    out = tmp_path_factory.mktemp(request.param) / "bundle"
-    convert_checkpoint(tiny.root, out, ConvertOptions(**OPTIONS), ckpt=ckpt)
-    _, report = verify_bundle(out, ckpt, VerifyOptions(n_greedy=32))
-    return ckpt, out, report
+def smol_converted(request, tmp_path_factory, convert_and_verify):
+    return convert_and_verify(request, tmp_path_factory, OPTIONS)
 
 
 def test_smollm2_llavas_match_pytorch(smol_converted):

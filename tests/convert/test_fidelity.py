@@ -28,14 +28,9 @@ OPTIONS = dict(base_type="f32", quants=["Q8_0", "Q4_K_M"], mmproj_types=["f32", 
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)
-def converted(request, tmp_path_factory):
+def converted(request, tmp_path_factory, convert_and_verify):
     """(checkpoint, bundle folder, verify report) for each layout, LoRA merged for LLaVA-RLHF."""
-    tiny = request.getfixturevalue(request.param)
-    ckpt = load_checkpoint(tiny.root)
-    out = tmp_path_factory.mktemp(request.param) / "bundle"
-    convert_checkpoint(tiny.root, out, ConvertOptions(**OPTIONS), ckpt=ckpt)
-    _, report = verify_bundle(out, ckpt, VerifyOptions(n_greedy=32))
-    return ckpt, out, report
+    return convert_and_verify(request, tmp_path_factory, OPTIONS)
 
 
 def test_image_embeddings_match_pytorch(converted):

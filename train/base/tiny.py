@@ -217,17 +217,19 @@ def write_clip(folder: Path, vision: VisionSpec, seed: int) -> Path:
     return folder
 
 
-def _write_llava_hf(out: Path, text: TextSpec, vision: VisionSpec, sharded: bool, seed: int, tok: bytes) -> Path:
-    sd: dict[str, torch.Tensor] = {}
-    sd.update({f"vision_tower.{k}": v for k, v in tw.vision_weights(vision, seed).items()})
+def llava_hf_state_dict(text: TextSpec, vision: VisionSpec, seed: int,
+                        lm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tiny CLIP tower, an mlp2x_gelu projector and the LM state dict `lm` under 4.36-era llava-hf keys."""
+    sd = {f"vision_tower.{k}": v for k, v in tw.vision_weights(vision, seed).items()}
     proj = tw.projector_weights("mlp2x_gelu", vision, text, seed)
     hf_names = {"0": "linear_1", "2": "linear_2"}  # nn.Sequential index -> LlavaMultiModalProjector
     sd.update({f"multi_modal_projector.{hf_names[k[0]]}.{k[2:]}": v for k, v in proj.items()})
-    sd.update({f"language_model.{k}": v for k, v in tw.text_weights(text, seed, dtype=torch.float16).items()})
-    save_checkpoint(out, _cast(sd, torch.float16), "safetensors", n_shards=2 if sharded else 1)
-    write_hf_json(out / "config.json", llava_hf_config(text, vision))
-    write_hf_json(out / "generation_config.json", generation_config(PAD_TOKEN_ID_HF, "4.36.0.dev0"))
-    write_tokenizer(out, tok, hf=True)
+    sd.update({f"language_model.{k}": v for k, v in lm.items()})
+    return sd
+
+
+def write_preprocessor(out: Path, vision: VisionSpec) -> None:
+    """preprocessor_config.json of a llava-hf folder (CLIPImageProcessor: the image contract)."""
     size = vision.image_size
     write_hf_json(out / "preprocessor_config.json", {
         "crop_size": {"height": size, "width": size},
@@ -244,6 +246,15 @@ def _write_llava_hf(out: Path, text: TextSpec, vision: VisionSpec, sharded: bool
         "rescale_factor": 0.00392156862745098,
         "size": {"shortest_edge": size},
     })
+
+
+def _write_llava_hf(out: Path, text: TextSpec, vision: VisionSpec, sharded: bool, seed: int, tok: bytes) -> Path:
+    sd = llava_hf_state_dict(text, vision, seed, tw.text_weights(text, seed, dtype=torch.float16))
+    save_checkpoint(out, _cast(sd, torch.float16), "safetensors", n_shards=2 if sharded else 1)
+    write_hf_json(out / "config.json", llava_hf_config(text, vision))
+    write_hf_json(out / "generation_config.json", generation_config(PAD_TOKEN_ID_HF, "4.36.0.dev0"))
+    write_tokenizer(out, tok, hf=True)
+    write_preprocessor(out, vision)
     write_hf_json(out / "processor_config.json", {
         "image_token": "<image>",
         "num_additional_image_tokens": 1,

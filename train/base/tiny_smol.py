@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from factedge.convert.specs import LayoutName, TextSpec, VisionSpec
+from factedge.convert.specs import LayoutName, TextSpec
 from factedge.edge.errors import ConfigError
 from factedge.train.base import tiny_weights as tw
 from factedge.train.base.smol import smol_tokenizer, write_smol_tokenizer
 from factedge.train.base.tensor_files import save_checkpoint, write_hf_json
-from factedge.train.base.tiny import clip_folder_name, llava_hf_config, write_clip, write_llava_model
+from factedge.train.base.tiny import (clip_folder_name, llava_hf_config, llava_hf_state_dict, write_clip,
+                                     write_llava_model, write_preprocessor)
 
 SMOL_VOCAB = 49152
 SMOL_LLAVA_HF_VOCAB = 49216  # 49,152 + <image>, padded to a multiple of 64 as llava-hf pads Vicuna's
@@ -32,30 +33,15 @@ def tiny_smol_text(vocab_rows: int = SMOL_VOCAB) -> TextSpec:
                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, unk_token_id=0, pad_token_id=2)
 
 
-def write_preprocessor(out: Path, vision: VisionSpec) -> None:
-    """preprocessor_config.json of a llava-hf folder (CLIPImageProcessor: the image contract)."""
-    size = vision.image_size
-    write_hf_json(out / "preprocessor_config.json", {
-        "crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_convert_rgb": True,
-        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": list(vision.image_mean),
-        "image_processor_type": "CLIPImageProcessor", "image_std": list(vision.image_std),
-        "processor_class": "LlavaProcessor", "resample": 3, "rescale_factor": 1 / 255,
-        "size": {"shortest_edge": size},
-    })  # fmt: skip
-
-
 def _write_llava_hf(out: Path, image_size: int, seed: int) -> Path:
     from transformers import LlavaForConditionalGeneration
 
     tok = smol_tokenizer(image_token=True)
     image_id = tok.convert_tokens_to_ids("<image>")
     text, vision = tiny_smol_text(SMOL_LLAVA_HF_VOCAB), tw.tiny_vision(image_size)
-    sd = {f"vision_tower.{k}": v for k, v in tw.vision_weights(vision, seed).items()}
-    proj = tw.projector_weights("mlp2x_gelu", vision, text, seed)
-    sd.update({f"multi_modal_projector.{ {'0': 'linear_1', '2': 'linear_2'}[k[0]] }.{k[2:]}": v for k, v in proj.items()})
     lm = tw.text_weights(text, seed, base_vocab=len(tok))
     lm.pop("lm_head.weight")  # tied
-    sd.update({f"language_model.{k}": v for k, v in lm.items()})
+    sd = llava_hf_state_dict(text, vision, seed, lm)
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp), sd, "safetensors")
         write_hf_json(Path(tmp) / "config.json", llava_hf_config(text, vision, image_token_id=image_id,

@@ -187,6 +187,7 @@ class TorchBackend:
 
         from factedge.convert.layouts import load_checkpoint
         from factedge.convert.reference import TorchLlava
+        from factedge.convert.vocab_read import hf_tokenizer
 
         if adapter not in (None, "peft", "merged"):
             raise ConfigError(f"adapter must be peft, merged or none, not {adapter!r}")
@@ -197,7 +198,7 @@ class TorchBackend:
         ckpt = load_checkpoint(self.path, vision_tower=vision_tower)
         adapter = adapter if ckpt.adapter_dir is not None else None
         self.ref = TorchLlava.from_checkpoint(ckpt, adapter=adapter, dtype=getattr(torch, dtype))
-        self.tokenizer = _hf_tokenizer(ckpt.tokenizer_dir)
+        self.tokenizer = hf_tokenizer(ckpt.tokenizer_dir)
         self.adapter = adapter
         self.label = f"pytorch{' (' + adapter + ')' if adapter else ''}"
         self._images: OrderedDict[str, object] = OrderedDict()
@@ -276,13 +277,6 @@ def one_by_one(backend, jobs: Sequence[Job], max_tokens: int, progress: ItemProg
         if progress:
             progress(len(out), len(jobs))
     return out
-
-
-def _hf_tokenizer(folder: Path):
-    """The checkpoint's own SentencePiece tokenizer, read as LLaVA reads it (slow, legacy)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder), use_fast=False, legacy=True)
 
 
 def parse_model_spec(spec: str) -> tuple[Path, str | None]:
