@@ -74,12 +74,34 @@ def named_format(name: str) -> ChatFormat:
     return FORMATS[name]
 
 
+MAX_REPEAT_CHARS = 1 << 20  # `'x' * n` in a template: a chat template never needs more
+MAX_POWER = 1024  # `a ** b` exponents beyond this only serve to exhaust time or memory
+
+
+def _sandbox():
+    """jinja's immutable sandbox, with `*` and `**` bounded (it bounds `range` itself)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_POWER:
+                raise SecurityError(f"exponent {right} is too large")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT_CHARS:
+                        raise SecurityError("a repetition longer than a chat template needs")
+            return super().call_binop(context, operator, left, right)
+
+    return Sandbox(trim_blocks=True, lstrip_blocks=True)
+
+
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
     """A jinja chat template rendered in a sandbox (a GGUF is untrusted input)."""
     import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = _sandbox()
 
     def raise_exception(message: str):
         raise jinja2.exceptions.TemplateError(message)

@@ -47,6 +47,9 @@ def test_rendering_equals_hf_apply_chat_template(tiny_llava_smol_hf, smol_templa
     ("{{ messages[0]['content'] }}", "none of the formats factedge knows"),
     ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "does not render"),  # the sandbox refuses
     ("{% if", "does not render"),
+    ("{{ 'a' * 10**12 }}", "repetition longer than a chat template needs"),  # not 1 TB of memory
+    ("{{ [0] * 10**9 }}", "repetition longer than a chat template needs"),
+    ("{{ 2 ** (10 ** 7) }}", "exponent 10000000 is too large"),
 ])
 def test_unknown_or_hostile_templates_are_refused(template, words):
     with pytest.raises(ConfigError, match=words):
