@@ -32,6 +32,7 @@ class ChatFormat:
     user: str  # "{text}" -> the images' markers, then the question
     assistant: str  # opens the answer (the generation prompt)
     answer: str  # "{text}" -> a finished answer, with the turn's closing tokens
+    end: str  # the token that ends an answer (the model's EOS): `answer` continues with it after {text}
     image: str = "<image>\n"  # one per image, before the turn's text (LLaVA's placement)
 
     def system_prompt(self, given: str | None) -> str | None:
@@ -42,6 +43,17 @@ class ChatFormat:
     def answer_lead(self) -> str:
         """What the template writes between `assistant` and the answer's first generated token."""
         return self.answer.split(TEXT)[0]
+
+    @property
+    def after_end(self) -> str:
+        """What the template writes after an answer's end token (ChatML: a newline), before the next turn."""
+        return self.answer.split(TEXT)[1].removeprefix(self.end)
+
+    def check_eos(self, eos_token: str | None) -> None:
+        """Generation stops at the model's EOS and training labels end in it: it must be this format's end."""
+        if eos_token != self.end:
+            raise ConfigError(f"the {self.name} chat format ends an answer with {self.end!r} but the model's EOS "
+                              f"token is {eos_token!r}")
 
     def render(self, system: str | None, turns: list[tuple[str, str | None, int]]) -> str:
         """The prompt text: (user text, answer or None for the one to generate, images) per turn."""
@@ -57,13 +69,13 @@ VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence 
 # LLaVA's conv_vicuna_v1 (sep " ", sep2 "</s>"); the answer's ids begin with the separator space.
 VICUNA_V1 = ChatFormat(
     "vicuna_v1", default_system=VICUNA_SYSTEM,
-    system_block="{text} ", user="USER: {text} ", assistant="ASSISTANT:", answer=" {text}</s>",
+    system_block="{text} ", user="USER: {text} ", assistant="ASSISTANT:", answer=" {text}</s>", end="</s>",
 )
 # ChatML (SmolLM2, Qwen2, ...): the image markers open the first user message, as LLaVA places them.
 CHATML = ChatFormat(
     "chatml", default_system=None,
     system_block="<|im_start|>system\n{text}<|im_end|>\n", user="<|im_start|>user\n{text}<|im_end|>\n",
-    assistant="<|im_start|>assistant\n", answer="{text}<|im_end|>\n",
+    assistant="<|im_start|>assistant\n", answer="{text}<|im_end|>\n", end="<|im_end|>",
 )
 FORMATS: dict[str, ChatFormat] = {f.name: f for f in (VICUNA_V1, CHATML)}
 

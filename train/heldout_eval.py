@@ -47,9 +47,9 @@ def greedy_answers(model, items: Sequence[dict], image_dir: Path, *, max_new_tok
     out = []
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
-        ids = [encode_prompt(str(it["conversations"][0]["value"]), tok) for it in chunk]
+        ids = [encode_prompt(str(it["conversations"][0]["value"]), tok, fmt=model.chat_format) for it in chunk]
         embeds = model.embed_images([image_dir / it["image"] for it in chunk])
-        got = sample(model, ids, embeds, max_new_tokens=max_new_tokens, eos_id=eos, pad_id=0, top_k=1)
+        got = sample(model, ids, embeds, max_new_tokens=max_new_tokens, eos_id=eos, pad_id=tok.pad_token_id, top_k=1)
         for toks, has_eos in zip(got.tokens, got.has_eos):
             body = toks[:-1] if has_eos else toks
             out.append((tok.decode(body, skip_special_tokens=True).strip(), len(toks), has_eos))

@@ -32,10 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionModel, LlamaForCausalLM
 
-from factedge.convert.layouts import load_checkpoint, resolve_vision_tower
+from factedge.convert.chat_template import gguf_chat_template
+from factedge.convert.layouts import TOKENIZER_FILES, load_checkpoint, resolve_vision_tower
 from factedge.convert.hparams import read_json
 from factedge.convert.reference import build_loaded, text_config
 from factedge.convert.specs import Checkpoint
+from factedge.edge.chat_format import VICUNA_V1, ChatFormat, detect_format
 from factedge.edge.errors import ConfigError, InputError
 from factedge.edge.image import ImageSource, normalize, prepare_image
 
@@ -107,13 +109,15 @@ def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 class LlavaForTraining(nn.Module):
     """`.vision` (CLIPVisionModel, frozen), `.projector` (LLaVA indices), `.lm` (LlamaForCausalLM or a
-    PeftModel around it), `.ckpt` (the Checkpoint it came from), `.tokenizer` (HF, pad = unk)."""
+    PeftModel around it), `.ckpt` (the Checkpoint it came from), `.tokenizer` (HF, pad = the config's),
+    `.chat_format` (the conversation format every encoder uses for this model)."""
 
     def __init__(self, ckpt: Checkpoint, vision: CLIPVisionModel, projector: nn.Sequential, lm: nn.Module,
-                 tokenizer, *, vision_tower_dir: Path | None = None, feature_cache: bool = True,
+                 tokenizer, chat_format: ChatFormat = VICUNA_V1, *, vision_tower_dir: Path | None = None, feature_cache: bool = True,
                  feature_cache_mb: float = 4096):
         super().__init__()
         self.ckpt, self.tokenizer, self.vision_tower_dir = ckpt, tokenizer, vision_tower_dir
+        self.chat_format = chat_format
         self.vision, self.projector, self.lm = vision, projector, lm
         self.vision.requires_grad_(False)
         self.vision.eval()
@@ -311,20 +315,31 @@ def _pad(rows: list[torch.Tensor], labels: list[list[int]] | None, index: list[l
 
 
 @functools.lru_cache(maxsize=8)
-def _load_tokenizer(folder: str, stamp: float):
+def _load_tokenizer(folder: str, stamp: tuple[float, ...]):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder, legacy=True)
 
 
 def _tokenizer(ckpt: Checkpoint):
-    """The checkpoint's HF tokenizer with SentencePiece semantics (legacy=True: a dummy prefix after
-    special tokens, as llama.cpp and LLaVA's training tokenizer), pad = unk. Building it from
-    tokenizer.model takes seconds, so one per folder (and file version) is kept and shared."""
+    """The checkpoint's HF tokenizer, pad = the config's pad id. A SentencePiece one keeps its legacy
+    semantics (a dummy prefix after special tokens, as llama.cpp and LLaVA's training tokenizer); a
+    tokenizer.json one is read as is. Building one takes seconds, so one per folder (and file
+    versions) is kept and shared."""
     folder = Path(ckpt.tokenizer_dir)
-    tok = _load_tokenizer(str(folder.resolve()), (folder / "tokenizer.model").stat().st_mtime)
+    stamp = tuple((folder / n).stat().st_mtime if (folder / n).is_file() else 0.0 for n in TOKENIZER_FILES)
+    tok = _load_tokenizer(str(folder.resolve()), stamp)
     tok.pad_token_id = ckpt.text.pad_token_id
     return tok
+
+
+def training_format(ckpt: Checkpoint, tokenizer) -> ChatFormat:
+    """The conversation format the model is trained in: the one its GGUF will carry (Vicuna v1 for
+    LLaMA-SentencePiece LLaVAs, the checkpoint's own template otherwise), so the edge talks to the
+    trained model exactly as it learnt."""
+    fmt = detect_format(gguf_chat_template(Path(ckpt.tokenizer_dir)))
+    fmt.check_eos(tokenizer.eos_token)
+    return fmt
 
 
 def _vision_tower_dir(ckpt: Checkpoint, vision_tower: str | Path | None) -> Path | None:
@@ -346,7 +361,8 @@ def load_for_training(path: str | Path, *, vision_tower: str | Path | None = Non
     tcfg._attn_implementation = attn_implementation
     vision, projector, lm = build_loaded(ckpt, dtype, tcfg)
     lm.config.use_cache = False
-    return LlavaForTraining(ckpt, vision, projector, lm, _tokenizer(ckpt),
+    tokenizer = _tokenizer(ckpt)
+    return LlavaForTraining(ckpt, vision, projector, lm, tokenizer, training_format(ckpt, tokenizer),
                             vision_tower_dir=_vision_tower_dir(ckpt, vision_tower), feature_cache=feature_cache,
                             feature_cache_mb=feature_cache_mb)
 

@@ -57,7 +57,7 @@ def load_examples(cfg: SFTConfig, model: LlavaForTraining) -> list[Example]:
     folder = image_folder(cfg.data, cfg.image_folder)
     out = []
     for item in items:
-        ids, labels = encode_conversation(item, model.tokenizer)
+        ids, labels = encode_conversation(item, model.tokenizer, fmt=model.chat_format)
         ids, labels = truncate(ids, labels, cfg.max_length, model.tokens_per_image)
         image = image_path(folder, str(item["image"]), cfg.data) if item.get("image") else None
         if image is None and IMAGE_TOKEN_INDEX in ids:

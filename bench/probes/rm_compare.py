@@ -68,7 +68,7 @@ def likelihood_accuracy(sft: Path, world) -> dict[str, dict]:
 
     def loglik(item: dict, response: str, image: str) -> float:
         one = dict(item, conversations=[item["conversations"][0], {"from": "gpt", "value": response}])
-        ids, labels = encode_conversation(one, model.tokenizer)
+        ids, labels = encode_conversation(one, model.tokenizer, fmt=model.chat_format)
         loss, n = model.lm_loss(model.splice([ids], model.embed_images([world.heldout.images / image]), labels=[labels]))
         return -float(loss) * n
 
@@ -102,7 +102,7 @@ def compare(recipe: Path, work: Path, threads: int, likelihood: bool, reuse: boo
     if threads:
         torch.set_num_threads(threads)
     meta = json.loads((recipe / "recipe.json").read_text())
-    cfg = recipe_preset(meta["config"]["scale"], meta["config"]["seed"])
+    cfg = recipe_preset(meta["config"]["scale"], meta["config"]["seed"], meta["config"]["base"].get("lm", "llama"))
     world_cfg = dataclasses.replace(cfg.world, **{k: v for k, v in meta["config"]["world"].items()
                                                   if k in {f.name for f in dataclasses.fields(WorldConfig)}})
     cfg = dataclasses.replace(cfg, world=world_cfg, n_images=meta["config"]["n_images"])

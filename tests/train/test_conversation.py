@@ -78,3 +78,47 @@ def test_truncate_counts_image_rows():
     assert truncate(ids, labels, 2 + 10 + 1, 10) == (ids[:4], labels[:4])
     with pytest.raises(InputError, match="cannot hold the image"):
         truncate(ids, labels, 5, 10)
+
+
+@pytest.fixture(scope="module")
+def smol(tiny_llava_smol):
+    from factedge.convert.layouts import load_checkpoint
+    from factedge.train.model import _tokenizer, training_format
+
+    ckpt = load_checkpoint(tiny_llava_smol.root)
+    tok = _tokenizer(ckpt)
+    return tok, training_format(ckpt, tok)
+
+
+def test_chatml_pieces_equal_whole_text(smol):
+    """A LLaVA on SmolLM2 trains in ChatML with its template's default system prompt: the piecewise ids
+    are the whole text's ids, labels on each reply and its <|im_end|> (the EOS), no BOS."""
+    tok, fmt = smol
+    assert fmt.name == "chatml" and fmt.default_system.startswith("You are a helpful AI assistant named SmolLM")
+    ids, labels = encode_conversation(ITEM, tok, fmt=fmt)
+    text = Conversation(None, conversation_turns(ITEM), fmt).text()
+    assert pieces_text(turn_pieces(conversation_turns(ITEM), fmt=fmt), fmt) + fmt.after_end == text
+    assert text.endswith("<|im_start|>user\n<image>\nWhat is this?<|im_end|>\n<|im_start|>assistant\nA red circle."
+                         "<|im_end|>\n<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\nTwo.<|im_end|>\n")
+    assert ids == _joint(text, tok)[:-1]  # the newline after the last <|im_end|> is not part of the sample
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids.count(IMAGE_TOKEN_INDEX) == 1
+    targets = [t for t in labels if t != IGNORE_INDEX]
+    assert tok.decode(targets) == "A red circle.<|im_end|>Two.<|im_end|>"
+    assert targets.count(tok.eos_token_id) == 2 and tok.eos_token == "<|im_end|>"
+    assert encode_prompt("<image>\nWhat is this?", tok, fmt=fmt) == _joint(single_turn("What is this?", fmt=fmt), tok)
+
+
+def test_chatml_reward_prompt(smol):
+    """The fact RM's rating request as a ChatML user turn after the rated answer, read at "is"."""
+    import random
+
+    from factedge.train.rm.prompt import SCORE_PREFIX, encode_reward_input, reward_text
+
+    tok, fmt = smol
+    item = {"id": "p", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."}]}
+    text = reward_text(conversation_turns(item), "A red circle.", ["One red circle."], random.Random(0), fmt=fmt)
+    assert "<|im_start|>assistant\nA red circle.<|im_end|>\n<|im_start|>user\nPlease evaluate" in text
+    assert "captions:\n  - One red circle.\n" in text
+    assert text.endswith("concise.<|im_end|>\n<|im_start|>assistant\n" + SCORE_PREFIX)
+    ids = encode_reward_input(item, "A red circle.", tok, ["One red circle."], random.Random(0), fmt)
+    assert ids == _joint(text, tok) and tok.decode(ids[-1:]) == " is"

@@ -27,7 +27,8 @@ import torch
 from factedge.convert.specs import ProjectorType, TextSpec, VisionSpec
 from factedge.edge.errors import ConfigError
 from factedge.train.base.tensor_files import save_tensors
-from factedge.train.base.tiny import build_tiny
+from factedge.train.base.smol_base import LM_KINDS, LMKind, write_smol_model
+from factedge.train.base.tiny import build_tiny, clip_folder_name, write_clip
 from factedge.train.base.tiny_cache import locked
 from factedge.train.base.vision_pretrain import VisionPretrain, pretrain_tower_folder
 
@@ -53,6 +54,7 @@ class BaseSpec:
     projector: ProjectorType = "mlp2x_gelu"
     seed: int = 0
     vision_pretrain: VisionPretrain | None = None  # None: the tower stays random (see vision_pretrain.py)
+    lm: LMKind = "llama"  # llama: a training-init LM + LLaMA's vocab; smollm2(-init): see smol_base.py
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -89,20 +91,19 @@ def training_init(text: TextSpec, seed: int) -> dict[str, torch.Tensor]:
 def build_base(out: str | Path, spec: BaseSpec | None = None) -> Path:
     """Write a base into `out` (the CLIP folder and `llava-base-<px>/`); returns the LLaVA folder."""
     spec = spec or BaseSpec()
-    if spec.text.vocab_size != 32000:
+    if spec.lm not in LM_KINDS:
+        raise ConfigError(f"base.lm must be one of {', '.join(LM_KINDS)}, not {spec.lm!r}")
+    if spec.lm == "llama" and spec.text.vocab_size != 32000:
         raise ConfigError("the base uses the real LLaMA tokenizer: vocab_size must be 32000")
     if spec.text.hidden_size % spec.text.num_heads:
         raise ConfigError("hidden_size must be a multiple of num_heads")
     out = Path(out)
-    model = build_tiny("llava", out, projector=spec.projector, sharded=False, seed=spec.seed, text=spec.text,
-                       vision=spec.vision)
-    weights = model / "pytorch_model.bin"
-    sd = torch.load(weights, map_location="cpu", weights_only=True)
-    fresh = training_init(spec.text, spec.seed)
-    dtype = sd["lm_head.weight"].dtype
-    sd.update({k: v.to(dtype) for k, v in fresh.items()})
-    save_tensors(model / "model.safetensors", sd, "safetensors")  # loads faster than a pickle
-    weights.unlink()
+    if spec.lm == "llama":
+        model = _llama_model(out, spec)
+    else:
+        clip_dir = write_clip(out / clip_folder_name(spec.vision.image_size), spec.vision, spec.seed)
+        init = training_init(spec.text, spec.seed) if spec.lm == "smollm2-init" else {}
+        model = write_smol_model(out, spec.lm, spec.text, spec.vision, spec.projector, clip_dir, spec.seed, init)
     if spec.vision_pretrain is not None:
         from factedge.convert.layouts import resolve_vision_tower
         from factedge.train.world.scene import WorldConfig
@@ -114,6 +115,20 @@ def build_base(out: str | Path, spec: BaseSpec | None = None) -> Path:
     return model
 
 
+def _llama_model(out: Path, spec: BaseSpec) -> Path:
+    """tiny's original-LLaVA folder with the LM re-drawn by `training_init` (one model.safetensors)."""
+    model = build_tiny("llava", out, projector=spec.projector, sharded=False, seed=spec.seed, text=spec.text,
+                       vision=spec.vision)
+    weights = model / "pytorch_model.bin"
+    sd = torch.load(weights, map_location="cpu", weights_only=True)
+    fresh = training_init(spec.text, spec.seed)
+    dtype = sd["lm_head.weight"].dtype
+    sd.update({k: v.to(dtype) for k, v in fresh.items()})
+    save_tensors(model / "model.safetensors", sd, "safetensors")  # loads faster than a pickle
+    weights.unlink()
+    return model
+
+
 def cached_base(spec: BaseSpec | None = None, cache_dir: str | Path | None = None) -> Path:
     """`build_base` once per (spec, builder sources); later calls return the same folder."""
     from factedge.train.base.tiny_cache import default_cache_dir
@@ -122,7 +137,7 @@ def cached_base(spec: BaseSpec | None = None, cache_dir: str | Path | None = Non
     train = Path(__file__).resolve().parents[1]  # the train/ folder
     h = hashlib.sha256(spec.key().encode())
     for name in ("base/base_model.py", "base/tiny.py", "base/tiny_weights.py", "base/tensor_files.py", "base/spm_vocab.py",
-                 "base/vision_pretrain.py", "world/scene.py", "world/render.py"):
+                 "base/vision_pretrain.py", "world/scene.py", "world/render.py", "base/smol_base.py", "base/smol.py"):
         h.update((train / name).read_bytes())
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,10 @@ def heldout_lines(result: DemoResult) -> list[str]:
              f"RLHF (PPO + fact RM) {fig('rlhf')}"]
     drop = h["sft"]["hallucination_rate"] - h["rlhf"]["hallucination_rate"]
     cover = h["sft"]["coverage"] - h["rlhf"]["coverage"]
-    if drop < GAIN or cover > 0.05:
+    if (drop < GAIN or cover > 0.05) and result.base != "tiny":
+        lines.append("Fact-RLHF (PPO + fact RM) does not lower hallucination at this preset's budget; "
+                     "BENCHMARKS.md (\"The recipe on SmolLM2\") has the measured figures.")
+    elif drop < GAIN or cover > 0.05:
         lines.append("Fact-RLHF (PPO + fact RM) does not lower hallucination at this CPU size. What did, in "
                      "BENCHMARKS.md (\"The SFT budget is the lever\"): 3x the SFT steps took the held-out rate "
                      "from 65.5% to 50.0% (seed 0) and 72.0% to 50.5% (seed 1) with coverage up; that run does "
@@ -95,14 +98,17 @@ def chat_command(result: DemoResult) -> str:
               help="which model file answers")
 @click.option("--scale", type=click.Choice(["micro", "cpu", "gpu"]), default=None,
               help="training preset (default: gpu when CUDA is available, else cpu; micro: a smoke test)")
+@click.option("--base", type=click.Choice(["tiny", "smol"]), default="tiny", show_default=True,
+              help="tiny: a LLaMA trained from scratch (within 15 minutes on 2 cores); smol: the real "
+                   "SmolLM2-135M-Instruct under the LLaVA, chats in English (longer: see BENCHMARKS.md)")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--threads", type=int, default=0, help="CPU threads (0: all cores)")
 @click.option("--verify", is_flag=True, help="also check the bundle against PyTorch while converting (slow)")
 @click.option("--no-chat", is_flag=True, help="do not drop into `factedge chat` at the end")
 @click.pass_context
-def demo(ctx, n_images, seed, quant, scale, max_tokens, threads, verify, no_chat):
+def demo(ctx, n_images, seed, quant, scale, base, max_tokens, threads, verify, no_chat):
     """Train a small LLaVA with Fact-RLHF on a synthetic world, convert it, and compare SFT vs RLHF answers."""
-    options = DemoOptions(scale=scale, n_images=n_images, seed=seed, quant=quant, max_tokens=max_tokens,
+    options = DemoOptions(scale=scale, base=base, n_images=n_images, seed=seed, quant=quant, max_tokens=max_tokens,
                           threads=threads, verify=verify)
     # transformers' deprecation notices about config keys are not the demo user's business
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")

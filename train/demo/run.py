@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from factedge.convert.bundle import ConvertOptions, Progress, convert_checkpoint
+from factedge.edge.errors import ConfigError
 from factedge.edge.manifest import MANIFEST
 from factedge.train.demo.items import DemoItem, demo_items
 from factedge.train.world.judge import Verdict, judge
@@ -42,6 +43,7 @@ def cache_root() -> Path:
 @dataclass
 class DemoOptions:
     scale: str | None = None  # recipe preset "micro" | "cpu" | "gpu"; None: "gpu" when CUDA is available
+    base: str = "tiny"  # tiny: a LLaMA trained from scratch (15 minutes); smol: SmolLM2-135M (recipe_smol.py)
     n_images: int = 3
     seed: int = DEMO_SEED
     quant: str = "Q4_K_M"  # the quant that answers
@@ -78,6 +80,7 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)  # recipe_s, convert_s, answer_s, heldout_s, total_s
     runtime: dict = field(default_factory=dict)  # threads, n_gpu_layers, backend
     heldout: dict = field(default_factory=dict)  # train/demo/heldout.py: {"n", "sft": figures, "rlhf": figures}
+    base: str = "tiny"  # DemoOptions.base: which LM the model was trained on
 
     @property
     def images(self) -> list[Path]:
@@ -93,14 +96,23 @@ class DemoResult:
         return sum(scores) / len(scores) if scores else 0.0
 
 
-def default_recipe(scale: str | None) -> Recipe:
-    """train.recipe.run_recipe with its preset for this machine ("gpu" when CUDA is available)."""
+BASES = {"tiny": "llama", "smol": "smollm2"}  # --base -> the recipe's LM (recipe_preset's lm)
+
+
+def default_recipe(scale: str | None, base: str = "tiny") -> Recipe:
+    """train.recipe.run_recipe with its preset for this machine ("gpu" when CUDA is available); the smol
+    base at micro scale is SmolLM2's structure at test size (a smoke test, like micro itself)."""
+    if base not in BASES:
+        raise ConfigError(f"base must be one of {', '.join(BASES)}, not {base!r}")
+
     def run(cache_dir: Path, progress: Progress | None, log: Log):
         import torch
 
         from factedge.train.recipe import recipe_preset, run_recipe
 
-        cfg = recipe_preset(scale or ("gpu" if torch.cuda.is_available() else "cpu"))
+        chosen = scale or ("gpu" if torch.cuda.is_available() else "cpu")
+        lm = "smollm2-init" if base == "smol" and chosen == "micro" else BASES[base]
+        cfg = recipe_preset(chosen, lm=lm)
         # the recipe reports (stage, done, total, metrics); the bars take (step, done, total)
         stage_progress = None if progress is None else (lambda stage, done, total, _m: progress(stage, done, total))
         return run_recipe(cfg, cache_dir, stage_progress, log)
@@ -178,8 +190,9 @@ def run_demo(options: DemoOptions | None = None, *, recipe: Recipe | None = None
     timings = {}
 
     t = time.perf_counter()
-    log("training (or reusing) the demo model: shapes world -> SFT -> Fact-RM -> PPO")
-    result = (recipe or default_recipe(o.scale))(cache / "recipe", progress, log)
+    stages = "projector -> SFT -> Fact-RM -> PPO on SmolLM2-135M" if o.base == "smol" else "SFT -> Fact-RM -> PPO"
+    log(f"training (or reusing) the demo model: shapes world -> {stages}")
+    result = (recipe or default_recipe(o.scale, o.base))(cache / "recipe", progress, log)
     timings["recipe_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -204,7 +217,7 @@ def run_demo(options: DemoOptions | None = None, *, recipe: Recipe | None = None
     timings["heldout_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     return DemoResult(Path(result.root), bundle, o.quant, rows, dict(getattr(result, "metrics", {}) or {}),
-                      not getattr(result, "cached", False), converted, timings, runtime, heldout)
+                      not getattr(result, "cached", False), converted, timings, runtime, heldout, o.base)
 
 
 def should_chat(no_chat: bool, stdin, stdout) -> bool:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from factedge.edge.chat_format import VICUNA_V1, ChatFormat
 from factedge.edge.errors import InputError
 from factedge.train.conversation import encode_prompt, encode_reply
 from factedge.train.data import image_folder, image_path, read_items
@@ -42,7 +43,8 @@ def _reply_text(value, where: str, path: Path) -> str:
     return text
 
 
-def load_preference_pairs(path: str | Path, tokenizer, *, images: str | Path | None = None) -> list[PrefPair]:
+def load_preference_pairs(path: str | Path, tokenizer, *, images: str | Path | None = None,
+                          fmt: ChatFormat = VICUNA_V1) -> list[PrefPair]:
     """LLaVA-Human-Preference-10K items (`conversations`, `output_1`, `output_2`, `preference` 1|2,
     `image`) as pairs: the first human turn is the prompt, the preferred output the chosen reply."""
     path = Path(path)
@@ -59,11 +61,12 @@ def load_preference_pairs(path: str | Path, tokenizer, *, images: str | Path | N
                 or turns[0].get("from") != "human" or not isinstance(turns[0].get("value"), str):
             raise InputError(f"{where}: the first turn must be a human message", path)
         image = image_path(folder, str(item["image"]), path)
-        replies = [tuple(encode_reply(_reply_text(item[k], where, path), tokenizer)) for k in ("output_1", "output_2")]
+        replies = [tuple(encode_reply(_reply_text(item[k], where, path), tokenizer, fmt))
+                   for k in ("output_1", "output_2")]
         if replies[0] == replies[1]:
             continue  # nothing to prefer
         chosen, rejected = (replies[0], replies[1]) if pref == 1 else (replies[1], replies[0])
-        out.append(PrefPair(str(item.get("id", n)), tuple(encode_prompt(turns[0]["value"], tokenizer)),
+        out.append(PrefPair(str(item.get("id", n)), tuple(encode_prompt(turns[0]["value"], tokenizer, fmt=fmt)),
                             Side(image, chosen), Side(image, rejected)))
     if not out:
         raise InputError("no pair with two different outputs", path)

@@ -95,7 +95,8 @@ def train_dpo(cfg: DPOConfig, progress: Progress | None = None) -> RunResult:
 
     def total_for(ac: ActorCritic) -> int:
         nonlocal plan
-        pairs.extend(load_preference_pairs(cfg.preference, ac.model.tokenizer, images=cfg.image_folder))
+        pairs.extend(load_preference_pairs(cfg.preference, ac.model.tokenizer, images=cfg.image_folder,
+                                           fmt=ac.model.chat_format))
         if cfg.image_pairs:
             pairs.extend(image_conditional(pairs, cfg.run.seed))
         plan = Plan.make(len(pairs), OptimSettings(epochs=cfg.epochs, max_steps=cfg.max_steps,

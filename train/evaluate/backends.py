@@ -187,7 +187,9 @@ class TorchBackend:
 
         from factedge.convert.layouts import load_checkpoint
         from factedge.convert.reference import TorchLlava
+        from factedge.convert.chat_template import gguf_chat_template
         from factedge.convert.vocab_read import hf_tokenizer
+        from factedge.edge.chat_format import detect_format
 
         if adapter not in (None, "peft", "merged"):
             raise ConfigError(f"adapter must be peft, merged or none, not {adapter!r}")
@@ -199,6 +201,7 @@ class TorchBackend:
         adapter = adapter if ckpt.adapter_dir is not None else None
         self.ref = TorchLlava.from_checkpoint(ckpt, adapter=adapter, dtype=getattr(torch, dtype))
         self.tokenizer = hf_tokenizer(ckpt.tokenizer_dir)
+        self.fmt = detect_format(gguf_chat_template(Path(ckpt.tokenizer_dir)))  # what its GGUF will say
         self.adapter = adapter
         self.label = f"pytorch{' (' + adapter + ')' if adapter else ''}"
         self._images: OrderedDict[str, object] = OrderedDict()
@@ -208,7 +211,7 @@ class TorchBackend:
     def _segments(self, image: Path, question: str, stats: Generation) -> list:
         from factedge.edge.prompt import single_turn, split_at_images
 
-        pieces = split_at_images(single_turn(question),
+        pieces = split_at_images(single_turn(question, fmt=self.fmt),
                                  lambda text, bos: self.tokenizer(text, add_special_tokens=bos).input_ids)
         key = str(Path(image).resolve())
         if key not in self._images:

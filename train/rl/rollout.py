@@ -76,13 +76,13 @@ def _pad_cat(chunks: list[Tensor], width: int) -> Tensor:
 
 
 def encode_prompts(ac: ActorCritic, items: Sequence[PromptItem]) -> list[list[int]]:
-    return [encode_prompt(it.question, ac.model.tokenizer) for it in items]
+    return [encode_prompt(it.question, ac.model.tokenizer, fmt=ac.model.chat_format) for it in items]
 
 
 def prompt_fits(ac: ActorCritic, item: PromptItem, max_prompt_tokens: int) -> bool:
     """Whether the prompt's ids (the image placeholder counted once, as the reference's query_len
     filter) fit `max_prompt_tokens`."""
-    return len(encode_prompt(item.question, ac.model.tokenizer)) <= max_prompt_tokens
+    return len(encode_prompt(item.question, ac.model.tokenizer, fmt=ac.model.chat_format)) <= max_prompt_tokens
 
 
 def reward_inputs(ac: ActorCritic, items: Sequence[PromptItem], texts: Sequence[str], *, use_facts: bool,
@@ -93,7 +93,7 @@ def reward_inputs(ac: ActorCritic, items: Sequence[PromptItem], texts: Sequence[
         facts = it.facts if use_facts else None
         rng = random.Random(f"{seed}:{step}:{n}")
         item = {"id": it.id, "image": str(it.image), "conversations": [{"from": "human", "value": it.question}]}
-        out.append(encode_reward_input(item, text, ac.model.tokenizer, facts, rng))
+        out.append(encode_reward_input(item, text, ac.model.tokenizer, facts, rng, ac.model.chat_format))
     return out
 
 

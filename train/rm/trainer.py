@@ -95,7 +95,7 @@ class PairScorer:
         for key in ("output_1", "output_2"):
             response = str(pair.item[key]["value"] if isinstance(pair.item[key], dict) else pair.item[key])
             facts = pair.facts if self.cfg.use_facts else None
-            ids = encode_reward_input(pair.item, response, self.model.tokenizer, facts, rng)
+            ids = encode_reward_input(pair.item, response, self.model.tokenizer, facts, rng, self.model.chat_format)
             ids, _ = truncate(ids, [IGNORE_INDEX] * len(ids), self.cfg.max_length, self.model.tokens_per_image)
             out.append(ids)
         return out
@@ -131,13 +131,26 @@ def heldout_rewards(scorer: PairScorer, pairs: Sequence[Pair], seed: int, batch:
     return torch.cat(r1s), torch.cat(r2s)
 
 
+def _word_counts(pair: Pair) -> tuple[int, int]:
+    return tuple(len(str(v["value"] if isinstance(v, dict) else v).split())  # type: ignore[return-value]
+                 for v in (pair.item["output_1"], pair.item["output_2"]))
+
+
 def evaluate_pairs(scorer: PairScorer, pairs: Sequence[Pair], seed: int, batch: int = 8) -> dict[str, float]:
-    """Held-out pairwise accuracy, BT loss and mean reward (facts shuffled with a fixed seed)."""
+    """Held-out pairwise accuracy, BT loss and mean reward (facts shuffled with a fixed seed), and the
+    accuracy on the pairs whose outputs have the same number of words, where preferring the shorter
+    (or longer) answer scores 50%: the figure that shows whether the RM reads."""
     if not pairs:
         return {}
     r1, r2 = heldout_rewards(scorer, pairs, seed, batch)
-    loss, acc = pairwise_loss(r1, r2, _preference(pairs, r1.device), scorer.cfg.centering_coef)
-    return {"eval_accuracy": float(acc), "eval_loss": float(loss), "eval_reward_mean": float((r1 + r2).mean() / 2)}
+    pref = _preference(pairs, r1.device)
+    loss, acc = pairwise_loss(r1, r2, pref, scorer.cfg.centering_coef)
+    out = {"eval_accuracy": float(acc), "eval_loss": float(loss), "eval_reward_mean": float((r1 + r2).mean() / 2)}
+    same = torch.tensor([a == b for a, b in map(_word_counts, pairs)], device=r1.device)
+    if bool(same.any()):
+        hits = ((r2 - r1 >= 0) == (pref == 2))[same]
+        out |= {"eval_accuracy_same_length": float(hits.float().mean()), "eval_same_length_pairs": int(same.sum())}
+    return out
 
 
 def train_rm(cfg: RMConfig, progress: Progress | None = None) -> RunResult:

@@ -177,9 +177,9 @@ def test_heldout_figures_are_the_judged_one_at_a_time_answers(demo_runs, small_w
 
 
 def test_heldout_lines_say_plainly_when_rlhf_does_not_help():
-    def result(sft, rlhf):
+    def result(sft, rlhf, base="tiny"):
         figs = lambda rate, cov: {"hallucination_rate": rate, "coverage": cov, "claim_precision": 0.5}  # noqa: E731
-        return SimpleNamespace(quant="Q4_K_M", heldout={"n": 200, "sft": figs(*sft), "rlhf": figs(*rlhf)})
+        return SimpleNamespace(quant="Q4_K_M", heldout={"n": 200, "sft": figs(*sft), "rlhf": figs(*rlhf)}, base=base)
 
     same = demo_cli.heldout_lines(result((0.655, 0.234), (0.650, 0.230)))
     assert "SFT hallucination 65.5%" in same[0] and "RLHF (PPO + fact RM) hallucination 65.0%" in same[0]
@@ -188,3 +188,14 @@ def test_heldout_lines_say_plainly_when_rlhf_does_not_help():
     assert len(says_less) == 2
     assert len(demo_cli.heldout_lines(result((0.655, 0.234), (0.540, 0.230)))) == 1  # a real drop: no caveat
     assert demo_cli.heldout_lines(SimpleNamespace(quant="Q4_K_M", heldout={})) == []
+    smol = demo_cli.heldout_lines(result((0.655, 0.234), (0.650, 0.230), "smol"))
+    assert len(smol) == 2 and "SmolLM2" in smol[1] and "SFT budget" not in smol[1]  # the tiny base's account is not its
+
+
+def test_demo_bases():
+    from factedge.edge.errors import ConfigError
+    from factedge.train.demo.run import BASES, default_recipe
+
+    assert BASES == {"tiny": "llama", "smol": "smollm2"}
+    with pytest.raises(ConfigError, match="base must be one of tiny, smol"):
+        default_recipe("micro", "gpt2")
