@@ -1,7 +1,7 @@
 """Conversation formats as data, and which one a model's GGUF asks for.
 
 A LLaVA on Vicuna talks in `conv_vicuna_v1` ("<system> USER: <q> ASSISTANT: <a></s>"), a LLaVA on
-SmolLM2 or Qwen in ChatML. The edge must format every prompt exactly as the model was trained, and
+SmolLM2 or Qwen in ChatML, one on LLaMA-3 in its header format. The edge must format every prompt exactly as the model was trained, and
 must know where a generated answer sits in the text (multi-turn chats splice the answer's own ids
 back in), so a format is a few literal pieces rather than an opaque template.
 
@@ -14,7 +14,11 @@ refused with its name, unless the user names a format (`--chat-format`); a GGUF 
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
 from dataclasses import dataclass
+from typing import Iterator
 
 from factedge.edge.errors import ConfigError
 
@@ -77,7 +81,14 @@ CHATML = ChatFormat(
     system_block="<|im_start|>system\n{text}<|im_end|>\n", user="<|im_start|>user\n{text}<|im_end|>\n",
     assistant="<|im_start|>assistant\n", answer="{text}<|im_end|>\n", end="<|im_end|>",
 )
-FORMATS: dict[str, ChatFormat] = {f.name: f for f in (VICUNA_V1, CHATML)}
+# LLaMA-3 Instruct (LLaVA-NeXT / LLaVA-LLaMA-3 LMs): headers per role; the tokenizer adds <|begin_of_text|>.
+LLAMA3 = ChatFormat(
+    "llama3", default_system=None,
+    system_block="<|start_header_id|>system<|end_header_id|>\n\n{text}<|eot_id|>",
+    user="<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
+    assistant="<|start_header_id|>assistant<|end_header_id|>\n\n", answer="{text}<|eot_id|>", end="<|eot_id|>",
+)
+FORMATS: dict[str, ChatFormat] = {f.name: f for f in (VICUNA_V1, CHATML, LLAMA3)}
 
 
 def named_format(name: str) -> ChatFormat:
@@ -88,6 +99,7 @@ def named_format(name: str) -> ChatFormat:
 
 MAX_REPEAT_CHARS = 1 << 20  # `'x' * n` in a template: a chat template never needs more
 MAX_POWER = 1024  # `a ** b` exponents beyond this only serve to exhaust time or memory
+MAX_RENDER_S = 2.0  # a chat template renders in milliseconds; nested loops over large ranges take hours
 
 
 def _sandbox():
@@ -109,8 +121,31 @@ def _sandbox():
     return Sandbox(trim_blocks=True, lstrip_blocks=True)
 
 
+class _TooSlow(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_bound(seconds: float) -> Iterator[None]:
+    """Stop the Python code run in this thread once `seconds` have passed (a line-event tracer: jinja
+    compiles a template to Python, so nested loops over bounded ranges still end here)."""
+    deadline = time.monotonic() + seconds
+
+    def trace(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _TooSlow
+        return trace
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
-    """A jinja chat template rendered in a sandbox (a GGUF is untrusted input)."""
+    """A jinja chat template rendered in a sandbox (a GGUF is untrusted input), within MAX_RENDER_S."""
     import jinja2
 
     env = _sandbox()
@@ -119,8 +154,11 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
         raise jinja2.exceptions.TemplateError(message)
 
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token="", eos_token="", raise_exception=raise_exception)
+        with _time_bound(MAX_RENDER_S):
+            return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                    bos_token="", eos_token="", raise_exception=raise_exception)
+    except _TooSlow:
+        raise ConfigError(f"the model's chat template takes over {MAX_RENDER_S:g} s to render") from None
     except (jinja2.exceptions.TemplateError, TypeError, ValueError, RecursionError) as exc:
         raise ConfigError(f"the model's chat template does not render: {exc}") from exc
 

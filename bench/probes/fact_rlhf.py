@@ -9,6 +9,7 @@ accuracy; the RMs' held-out pairwise accuracy (facts vs plain); training through
 
     python -m bench.probes.fact_rlhf --scale cpu --seeds 0,1 --json out/fact_rlhf_cpu.json
     python -m bench.probes.fact_rlhf --scale gpu --seeds 0,1 --json out/fact_rlhf_gpu.json   # one H100, ~5 min
+    python -m bench.probes.fact_rlhf --lm smollm2 --scale cpu --seeds 0     # the recipe on SmolLM2-135M
 
 Needs torch, transformers, peft, accelerate, safetensors, sentencepiece, pillow; not gguf / trl /
 llama_cpp, given a LLaMA tokenizer source: env FACTEDGE_SPM_VOCAB naming llama.cpp's
@@ -47,10 +48,10 @@ def evaluate_root(root: Path, split: Path, limit: int, max_new_tokens: int) -> d
     return out
 
 
-def run_seed(scale: str, seed: int, cache: Path, limit: int, log) -> dict:
+def run_seed(scale: str, seed: int, cache: Path, limit: int, log, lm: str = "llama") -> dict:
     from factedge.train.recipe import recipe_preset, run_recipe
 
-    cfg = recipe_preset(scale, seed)
+    cfg = recipe_preset(scale, seed, lm)
     cfg.plain_rm = True
     t0 = time.perf_counter()
     res = run_recipe(cfg, cache, log=log)
@@ -60,6 +61,8 @@ def run_seed(scale: str, seed: int, cache: Path, limit: int, log) -> dict:
     return {"seed": seed, "cached": res.cached, "recipe_s": recipe_s, "root": str(res.root),
             "eval": ev, "rm_accuracy_facts": m["rm"].get("eval_accuracy"),
             "rm_accuracy_plain": m.get("rm_plain", {}).get("eval_accuracy"),
+            "rm_same_length_facts": m["rm"].get("eval_accuracy_same_length"),
+            "rm_same_length_plain": m.get("rm_plain", {}).get("eval_accuracy_same_length"),
             "throughput": {"sft_samples_per_s": m["sft"]["samples_per_s"], "sft_tokens_per_s": m["sft"]["tokens_per_s"],
                            "ppo_samples_per_s": m["ppo"]["samples_per_s"],
                            "ppo_rollout_tokens_per_s": m["ppo"]["rollout_tokens_per_s"]},
@@ -86,7 +89,8 @@ def summarise(results: list[dict]) -> dict:
         for model in ("sft", "rlhf"):
             out[f"{model}.{key}"] = agg([r["eval"][model].get(key) for r in results])
     out["rm_accuracy_facts"] = agg([r["rm_accuracy_facts"] for r in results])
-    out["rm_accuracy_plain"] = agg([r["rm_accuracy_plain"] for r in results])
+    for key in ("rm_accuracy_plain", "rm_same_length_facts", "rm_same_length_plain"):
+        out[key] = agg([r.get(key) for r in results])
     for k in results[0]["throughput"]:
         out[k] = agg([r["throughput"][k] for r in results])
     return out
@@ -104,6 +108,8 @@ def print_table(summary: dict, n_seeds: int) -> None:
         print(f"{label:34} {cell(a):>28} {cell(b):>28}")
     for label, key in (("RM held-out pair acc. (facts)", "rm_accuracy_facts"),
                        ("RM held-out pair acc. (plain)", "rm_accuracy_plain"),
+                       ("RM equal-length pairs (facts)", "rm_same_length_facts"),
+                       ("RM equal-length pairs (plain)", "rm_same_length_plain"),
                        ("SFT samples/s", "sft_samples_per_s"), ("SFT tokens/s", "sft_tokens_per_s"),
                        ("PPO samples/s", "ppo_samples_per_s"), ("PPO rollout tokens/s", "ppo_rollout_tokens_per_s")):
         s = summary[key]
@@ -113,6 +119,8 @@ def print_table(summary: dict, n_seeds: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scale", choices=("micro", "cpu", "gpu"), default="cpu")
+    ap.add_argument("--lm", choices=("llama", "smollm2"), default="llama",
+                    help="the tiny LLaMA trained from scratch, or SmolLM2-135M-Instruct (recipe_smol.py)")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "recipe")
     ap.add_argument("--limit", type=int, default=0, help="held-out prompts to judge (0: all)")
@@ -137,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for seed in seeds:
         log(f"seed {seed}: recipe ({args.scale})")
-        results.append(run_seed(args.scale, seed, args.cache, args.limit, log))
+        results.append(run_seed(args.scale, seed, args.cache, args.limit, log, args.lm))
         log(f"seed {seed}: done")
     summary = summarise(results)
     print_table(summary, len(seeds))
-    report = {"scale": args.scale, "seeds": seeds, "summary": summary, "runs": results,
+    report = {"scale": args.scale, "lm": args.lm, "seeds": seeds, "summary": summary, "runs": results,
               "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if args.json:
         from factedge.edge.atomic import write_json

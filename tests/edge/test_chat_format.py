@@ -50,10 +50,33 @@ def test_rendering_equals_hf_apply_chat_template(tiny_llava_smol_hf, smol_templa
     ("{{ 'a' * 10**12 }}", "repetition longer than a chat template needs"),  # not 1 TB of memory
     ("{{ [0] * 10**9 }}", "repetition longer than a chat template needs"),
     ("{{ 2 ** (10 ** 7) }}", "exponent 10000000 is too large"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "takes over 2 s"),  # not hours
 ])
 def test_unknown_or_hostile_templates_are_refused(template, words):
     with pytest.raises(ConfigError, match=words):
         detect_format(template)
+
+
+# Meta-Llama-3-8B-Instruct's tokenizer_config.json chat_template (the hub's text)
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def test_llama3_template_is_llama3():
+    from factedge.edge.chat_format import render_template
+
+    fmt = detect_format(LLAMA3_TEMPLATE)
+    assert fmt.name == "llama3" and fmt.default_system is None and fmt.end == "<|eot_id|>"
+    turns = [Turn("What is this?", "A red circle.", 1), Turn("And below it?", None, 0)]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nWhat is this?"},
+                {"role": "assistant", "content": "A red circle."}, {"role": "user", "content": "And below it?"}]
+    text = Conversation("Be brief.", turns, fmt).text()
+    assert text == render_template(LLAMA3_TEMPLATE, messages, True)
+    assert text.endswith("<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nAnd below it?<|eot_id|>"
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def test_a_named_format_overrides():

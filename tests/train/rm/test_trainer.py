@@ -132,3 +132,23 @@ def test_train_rm_two_steps(small_base, small_world, tmp_path, use_facts):
     assert sorted(trained)[:2] == ["head.bias", "head.weight"] and len(trained) == 2 + 2 * 7 * 2
     assert trained["head.bias"].item() != 0.0
     assert all("lora_" in k or k.startswith("head.") for k in trained)
+
+
+def test_evaluation_reports_equal_length_accuracy():
+    """Accuracy on pairs whose outputs have as many words, where a length shortcut scores 50%."""
+    from types import SimpleNamespace
+
+    from factedge.train.rm.trainer import Pair, evaluate_pairs
+
+    def pair(a, b, pref):
+        return Pair({"output_1": {"value": a}, "output_2": b, "preference": pref}, None, None)
+
+    pairs = [pair("a red circle", "a blue circle", 1), pair("one big square", {"value": "one small square"}, 2),
+             pair("a red circle", "a circle", 1), pair("two squares", "one red square", 2)]
+    r1, r2 = torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([0.0, 0.5, 0.0, 1.0])  # wrong only on pair 2
+    scores = iter([(r1, r2, 0)])
+    scorer = SimpleNamespace(rm=SimpleNamespace(eval=lambda: None), cfg=SimpleNamespace(centering_coef=0.0),
+                             rewards=lambda module, chunk, seeds: next(scores))
+    out = evaluate_pairs(scorer, pairs, seed=0)
+    assert out["eval_accuracy"] == pytest.approx(3 / 4)
+    assert out["eval_same_length_pairs"] == 2 and out["eval_accuracy_same_length"] == pytest.approx(1 / 2)
