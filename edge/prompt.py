@@ -20,7 +20,6 @@ from factedge.edge.errors import InputError
 
 SYSTEM = VICUNA_SYSTEM
 IMAGE = "<image>"
-USER, ASSISTANT, SEP, EOS = "USER", "ASSISTANT", " ", "</s>"
 
 # LLaVA's `conv_vicuna_v1` / `llava_v1`: "<system> USER: <q> ASSISTANT: <a></s>USER: ..." (sep " ",
 # sep2 "</s>"). No BOS in the template: the GGUF says add_bos, so the tokenizer adds it.

@@ -47,6 +47,13 @@ ROWS = [("hallucination rate", "hallucination_rate"), ("objects covered (all ans
         ("mean answer tokens", "mean_tokens"), ("training seconds", "train_s")]
 
 
+def recipe_lm(recipe: Path) -> str:
+    """The LM the recipe trained ("llama", "smollm2"), from its recipe.json."""
+    import json
+
+    return json.loads((recipe / "recipe.json").read_text())["config"]["base"].get("lm", "llama")
+
+
 def stage_config(stage: str, recipe: Path, scale: str, seed: int, out: Path, overrides: list[str]):
     """The recipe preset's PPO settings pointed at the recipe's SFT model, world and RM; for DPO the
     same model, LoRA, rollout and reward settings with the DPO defaults for the rest."""
@@ -57,7 +64,7 @@ def stage_config(stage: str, recipe: Path, scale: str, seed: int, out: Path, ove
     from factedge.train.rl.config import PPOConfig
 
     root, world = recipe / "LLaVA-RLHF-shapes", recipe / "world"
-    ppo = recipe_preset(scale, seed).ppo
+    ppo = recipe_preset(scale, seed, recipe_lm(recipe)).ppo
     reward = dataclasses.replace(ppo.reward, adapter=str(root / "rm_lora_adapter_model"),
                                  facts=str(world / "image_to_caption.json"), scenes=str(world / "scenes.json"))
     shared = dict(model=dataclasses.replace(ppo.model, base=str(root / "sft_model")), lora=ppo.lora,
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     extra = {m: [s.split(":", 1)[1] for s in args.set if s.split(":", 1)[0] == m] for m in names}
     pope = pope_items(args.work / f"pope-{args.pope_seed}", args.pope_seed, args.pope_images)
-    max_new = recipe_preset(args.scale, args.seed).ppo.rollout.max_new_tokens
+    max_new = recipe_preset(args.scale, args.seed, recipe_lm(args.recipe)).ppo.rollout.max_new_tokens
     res = {}
     for name in names:
         adapter, seconds = train(name, args.recipe, args.scale, args.seed, args.work, extra[name])
