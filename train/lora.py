@@ -74,9 +74,11 @@ def lora_parameters(model: LlavaForTraining, name: str = "default") -> dict[str,
 
 
 def save_lora(model: LlavaForTraining, out: str | Path, *, name: str = "default", base: str | Path | None = None,
-              extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+              extra: dict[str, dict[str, torch.Tensor]] | None = None,
+              metadata: dict[str, dict[str, str]] | None = None) -> Path:
     """Write adapter `name` to the PEFT folder `out` (atomic: a temp folder renamed into place);
-    `extra`: more weight files to put in the folder (file name -> tensors; .bin: a torch pickle)."""
+    `extra`: more weight files to put in the folder (file name -> tensors; .bin: a torch pickle),
+    `metadata`: text fields for an extra safetensors file's header."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -97,7 +99,7 @@ def save_lora(model: LlavaForTraining, out: str | Path, *, name: str = "default"
             if fname.endswith(".bin"):  # LLaVA's non_lora_trainables.bin is a torch pickle
                 torch.save(tensors, tmp / fname)
             else:
-                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+                save_file(tensors, str(tmp / fname), metadata={"format": "pt", **(metadata or {}).get(fname, {})})
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n", "utf-8")
     return out
 

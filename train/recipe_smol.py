@@ -5,6 +5,7 @@ LM needs: LLaVA's stage 1 first (the projector alone learns to feed the frozen L
 paper), then SFT at a fine-tuning learning rate rather than the from-scratch 1e-3 (the paper's 2e-5
 with batch 128; here 5e-5 with batch 8), and LoRA learning rates for the RM and PPO in the paper's
 range. The conversations are ChatML, SmolLM2's own format (train/conversation.py follows the model).
+The reward models use the "verify" prompt form with a reading head (rm/prompt.py, rm/model.py).
 
 Scales: micro (tests: "smollm2-init", SmolLM2's structure and tokenizer at 2 layers, seconds),
 cpu (the reduced preset: 2 cores; its stage times are measured, see BENCHMARKS.md), gpu (one GPU).
@@ -45,10 +46,12 @@ def smol_preset(scale: str, seed: int = 0, lm: str = "smollm2") -> RecipeConfig:
                           optim=_optim(2e-3, batch, pick(1, 60, 300)), run=run)
     sft = SFTConfig(model=mdl, mode="full", max_length=256, save_dtype="float32",
                     optim=_optim(pick(1e-3, 1e-4, 2e-5), batch, pick(1, 120, 1500)), run=run)
-    # the paper's reward prompt makes ~450-token inputs: 2 per micro-batch keeps a CPU step within ~3 GB
-    rm = RMConfig(model=mdl, use_facts=True, lora=LoraSettings(r=16, alpha=32), max_length=640, eval_size=0,
-                  eval_every=0, run=run,
-                  optim=_optim(pick(1e-3, 2e-4, 1e-4), batch, pick(1, 16, 300), "constant_with_warmup", pick(0, 2, 16)))
+    # the RM asks the question SmolLM2 answers zero-shot (rm.prompt "verify": captions, the quoted
+    # exchange, "supported? Yes or No") and starts from that answer (reading_head): the paper's long
+    # rating request is below chance for a 135M LM before training (BENCHMARKS.md)
+    rm = RMConfig(model=mdl, use_facts=True, lora=LoraSettings(r=16, alpha=32), max_length=384, eval_size=0,
+                  eval_every=0, run=run, prompt_form="verify", reading_head=True,
+                  optim=_optim(pick(1e-3, 2e-4, 1e-4), batch, pick(1, 16, 300), "constant_with_warmup", pick(0, 4, 16)))
     roll, max_new = pick(2, 8, 128), pick(8, 48, 64)
     ppo = PPOConfig(model=mdl, lora=LoraSettings(r=16, alpha=32), epochs=1.0, max_steps=pick(1, 8, 60),
                     step_batch_size=roll, step_micro_batch_size=roll, ppo_epochs=2,

@@ -10,6 +10,13 @@ both have the same number of words, so a length shortcut scores 50%. "fact": the
 the prompt; "plain": the same question with no captions (what a plain RM has to go on).
 
     python -m bench.probes.smol_reader --pairs 200 --threads 2
+    python -m bench.probes.smol_reader --form verify --pairs 60 --threads 2
+
+`--form paper|verify` asks through the reward model's own prompt instead (train/rm/prompt.py's
+REWARD_FORMS, in ChatML, no image: the description is the answer to "Describe the image in detail.",
+then the form's rating request with or without the captions) and scores the form's verdict words,
+logit(good) - logit(bad) at the score position: what the RM's head starts as with `reading_head`
+(rm.model.reading_head), before any training.
 """
 
 from __future__ import annotations
@@ -50,6 +57,15 @@ def prompt(tok, facts: list[str] | None, description: str) -> str:
     return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
 
 
+def reward_prompt(form: str, facts: list[str] | None, description: str) -> str:
+    from factedge.edge.chat_format import CHATML
+    from factedge.edge.prompt import Turn
+    from factedge.train.rm.prompt import reward_text
+
+    turn = Turn("Describe the image in detail.", description, 0)
+    return reward_text([turn], description, facts, fmt=CHATML, form=form)
+
+
 def scores(model, tok, texts: list[str], yes: int, no: int, batch: int = 16) -> list[float]:
     out = []
     tok.padding_side = "left"
@@ -70,17 +86,27 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=200)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", default="smol-reader-heldout")
+    ap.add_argument("--form", choices=("question", "paper", "verify"), default="question")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     gguf = smol_gguf()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     tok = smol_tokenizer()
-    yes, no = tok.encode("Yes", add_special_tokens=False)[0], tok.encode("No", add_special_tokens=False)[0]
+    if args.form != "question":
+        from factedge.edge.chat_format import CHATML
+        from factedge.train.rm.model import score_token
+        from factedge.train.rm.prompt import reward_form
+
+        yes, no = (score_token(tok, w, CHATML, args.form) for w in reward_form(args.form).words)
+        ask = lambda facts, d: reward_prompt(args.form, facts, d)  # noqa: E731
+    else:
+        yes, no = tok.encode("Yes", add_special_tokens=False)[0], tok.encode("No", add_special_tokens=False)[0]
+        ask = lambda facts, d: prompt(tok, facts, d)  # noqa: E731
     data = pairs(args.pairs, args.seed)
-    result, start = {"pairs": len(data)}, time.perf_counter()
+    result, start = {"pairs": len(data), "form": args.form}, time.perf_counter()
     for name, with_facts in (("fact", True), ("plain", False)):
-        texts = [prompt(tok, facts if with_facts else None, d) for facts, true, wrong in data for d in (true, wrong)]
+        texts = [ask(facts if with_facts else None, d) for facts, true, wrong in data for d in (true, wrong)]
         s = scores(model, tok, texts, yes, no)
         true_s, wrong_s = s[0::2], s[1::2]
         result[name] = {

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from gguf import GGUFReader
+from safetensors import safe_open
 
 from factedge.convert.bundle import ConvertOptions, convert_checkpoint
 from factedge.convert.layouts import load_checkpoint
@@ -17,6 +18,7 @@ from factedge.edge.chat_format import detect_format
 from factedge.edge.errors import ConfigError
 from factedge.train.model import load_for_training
 from factedge.train.recipe import recipe_preset, run_recipe
+from factedge.train.rm.model import FORM_KEY, HEAD_FILE, RM_DIR
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,8 @@ def test_stages_run_in_chatml(smol_micro):
     assert model.chat_format.name == "chatml" and model.tokenizer.eos_token == "<|im_end|>"
     adapter = json.loads((res.root / "rlhf_lora_adapter_model" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "../sft_model"
+    with safe_open(str(res.root / RM_DIR / HEAD_FILE), "pt") as f:  # PPO read the RM in the form it learnt
+        assert f.metadata()[FORM_KEY] == cfg.rm.prompt_form == "verify" and cfg.rm.reading_head
 
 
 def test_the_aligned_smol_llava_converts_and_matches_pytorch(smol_micro, tmp_path):

@@ -93,7 +93,7 @@ def reward_inputs(ac: ActorCritic, items: Sequence[PromptItem], texts: Sequence[
         facts = it.facts if use_facts else None
         rng = random.Random(f"{seed}:{step}:{n}")
         item = {"id": it.id, "image": str(it.image), "conversations": [{"from": "human", "value": it.question}]}
-        out.append(encode_reward_input(item, text, ac.model.tokenizer, facts, rng, ac.model.chat_format))
+        out.append(encode_reward_input(item, text, ac.model.tokenizer, facts, rng, ac.model.chat_format, ac.reward.form))
     return out
 
 

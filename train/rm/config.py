@@ -20,6 +20,10 @@ class RMConfig:
     eval_data: str | None = None  # held-out pairs file; None: the last `eval_size` pairs of `data`
     eval_size: int = 500
     eval_every: int = 50  # optimizer steps between held-out accuracy evaluations (0: only at the end)
+    prompt_form: str = "paper"  # the rating request (rm.prompt.REWARD_FORMS): paper | verify
+    # the head starts as the LM's logit(good) - logit(bad) at the score position, a zero-shot judge for
+    # a pretrained LM (rm.model.reading_head); False: a fresh head, as the paper
+    reading_head: bool = False
     centering_coef: float = 1e-3  # the 1e-3 * |mean(r1 + r2)| term
     lora: LoraSettings = field(default_factory=LoraSettings)
     max_length: int = 1280

@@ -95,7 +95,8 @@ class PairScorer:
         for key in ("output_1", "output_2"):
             response = str(pair.item[key]["value"] if isinstance(pair.item[key], dict) else pair.item[key])
             facts = pair.facts if self.cfg.use_facts else None
-            ids = encode_reward_input(pair.item, response, self.model.tokenizer, facts, rng, self.model.chat_format)
+            ids = encode_reward_input(pair.item, response, self.model.tokenizer, facts, rng, self.model.chat_format,
+                                      self.rm.form)
             ids, _ = truncate(ids, [IGNORE_INDEX] * len(ids), self.cfg.max_length, self.model.tokens_per_image)
             out.append(ids)
         return out
@@ -162,7 +163,7 @@ def train_rm(cfg: RMConfig, progress: Progress | None = None) -> RunResult:
     seed_everything(cfg.run.seed)
     model = load_from_config(cfg.model)
     model.requires_grad_(False)
-    rm = RewardModel.create(model, cfg.lora)
+    rm = RewardModel.create(model, cfg.lora, form=cfg.prompt_form, reading=cfg.reading_head)
     facts = read_facts(cfg.facts) if cfg.use_facts else None
     pairs = load_pairs(cfg.data, cfg, facts)
     if cfg.eval_data is not None:

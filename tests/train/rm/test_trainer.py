@@ -9,13 +9,15 @@ import random
 import pytest
 import torch
 
+from factedge.edge.chat_format import CHATML
+from factedge.edge.errors import ConfigError
 from factedge.edge.prompt import SYSTEM
 from factedge.train.config import LoraSettings, load_config
 from factedge.train.rm.config import RMConfig
 from factedge.train.conversation import conversation_turns
 from factedge.train.model import IMAGE_TOKEN_INDEX
-from factedge.train.rm.model import HEAD_FILE, RewardModel
-from factedge.train.rm.prompt import encode_reward_input, rating_request, reward_text
+from factedge.train.rm.model import HEAD_FILE, RewardModel, score_token
+from factedge.train.rm.prompt import encode_reward_input, rating_request, reward_form, reward_text
 from factedge.train.rm.trainer import pairwise_loss, train_rm
 from factedge.train.run_dir import iter_metrics
 
@@ -111,6 +113,41 @@ def test_score_at_last_token_any_padding(fresh_model, small_world, tmp_path):
     with torch.no_grad():
         got = loaded.score([short, long], [image, image])
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_verify_form_quotes_the_exchange_in_one_turn():
+    text = reward_text(conversation_turns(ITEM), "A red circle.", FACTS[:2], fmt=CHATML, form="verify")
+    assert text == ("<|im_start|>user\n<image>\nCaptions:\n  - A red circle on grey.\n  - One red circle.\n"
+                    "Question: Describe the image.\nAnswer: A red circle.\nIs the answer fully supported by the "
+                    "captions? Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n")
+    plain = reward_text(conversation_turns(ITEM), "A red circle.", None, system="", form="verify")
+    assert plain == (" USER: <image>\nQuestion: Describe the image.\nAnswer: A red circle.\nIs the answer accurate? "
+                     "Answer Yes or No. ASSISTANT:")
+    with pytest.raises(ConfigError, match="unknown reward prompt form"):
+        rating_request(form="short")
+
+
+@pytest.mark.parametrize("form,words", [("paper", ["\u2581high", "\u2581low"]), ("verify", ["\u2581Yes", "\u2581No"])])
+def test_reading_head_is_the_lms_own_verdict(fresh_model, small_world, tmp_path, form, words):
+    """reading_head: before any training the reward is the LM's logit(good) - logit(bad) at the score
+    position ("... my last response is" high/low; "ASSISTANT:" Yes/No), to float precision; the form
+    travels with the saved head."""
+    model = fresh_model(attn_implementation="eager")
+    rm = RewardModel.create(model, LoraSettings(r=4), form=form, reading=True)
+    tok = model.tokenizer
+    good, bad = (score_token(tok, w, model.chat_format, form) for w in reward_form(form).words)
+    assert tok.convert_ids_to_tokens([good, bad]) == words  # SentencePiece: the word after a space
+    image = small_world.images / "0000000.png"
+    ids = [encode_reward_input(ITEM, text, tok, FACTS, fmt=model.chat_format, form=form)
+           for text in ("A red circle.", "A blue square.")]
+    with torch.no_grad():
+        scores = rm.score(ids, [image, image])
+        for row, score in zip(ids, scores):
+            logits = model(model.splice([row], model.embed_images([image])))[0, -1]
+            assert score.item() == pytest.approx((logits[good] - logits[bad]).item(), abs=1e-4)
+    assert RewardModel.load(fresh_model(), rm.save(tmp_path / "rm", base=model.ckpt.root)).form == form
+    with pytest.raises(ConfigError, match="not one token"):
+        score_token(tok, "qzxvhigh", model.chat_format, form)
 
 
 @pytest.mark.parametrize("use_facts", [True, False])
