@@ -28,7 +28,7 @@ from factedge.train.data import image_folder, image_path, read_facts, read_items
 from factedge.train.loop import Progress, fit, make_accelerator, prepare_fit
 from factedge.train.model import IGNORE_INDEX, LlavaForTraining, load_from_config
 from factedge.train.rm.model import RM_DIR, RewardModel
-from factedge.train.rm.prompt import encode_reward_input
+from factedge.train.rm.prompt import encode_reward_input, reward_form
 from factedge.train.run_dir import RunDir, RunResult, seed_everything
 
 
@@ -158,6 +158,7 @@ def train_rm(cfg: RMConfig, progress: Progress | None = None) -> RunResult:
     """Train the reward model as configured; output `<run>/rm_lora_adapter_model/`."""
     if cfg.use_facts and not cfg.facts:
         raise ConfigError("use_facts needs `facts` (image_to_caption.json)")
+    reward_form(cfg.prompt_form)  # an unknown form fails here, before the model loads
     accel = make_accelerator(cfg.run)
     run = RunDir(cfg.run.out, main=accel.is_main_process, keep=cfg.run.keep_checkpoints)
     seed_everything(cfg.run.seed)

@@ -125,6 +125,8 @@ def test_verify_form_quotes_the_exchange_in_one_turn():
                      "Answer Yes or No. ASSISTANT:")
     with pytest.raises(ConfigError, match="unknown reward prompt form"):
         rating_request(form="short")
+    with pytest.raises(ConfigError, match="unknown reward prompt form 'short'"):  # before any model loads
+        train_rm(RMConfig(data="absent.json", use_facts=False, prompt_form="short"))
 
 
 @pytest.mark.parametrize("form,words", [("paper", ["\u2581high", "\u2581low"]), ("verify", ["\u2581Yes", "\u2581No"])])
