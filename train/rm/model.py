@@ -89,15 +89,14 @@ class RewardModel(nn.Module):
         """A saved reward model (PEFT folder + reward_head.safetensors) on `model`'s base; its prompt
         form is the head file's `reward_prompt` metadata (absent: "paper", as LLaVA-RLHF's)."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         folder = Path(folder)
         head_file = folder / HEAD_FILE
         if not head_file.is_file():
             raise InputError(f"reward model folder has no {HEAD_FILE}", folder)
         add_lora(model, name=adapter, init_from=folder, trainable=trainable)
-        tensors = load_file(str(head_file))
-        with safe_open(str(head_file), "pt") as f:
+        with safe_open(str(head_file), "pt") as f:  # the tensors and the form, one read
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
             form = (f.metadata() or {}).get(FORM_KEY, "paper")
         head = nn.Linear(model.hidden_size, 1)
         if set(tensors) != {"weight", "bias"} or tuple(tensors["weight"].shape) != (1, model.hidden_size):

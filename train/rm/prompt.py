@@ -82,12 +82,8 @@ RATING_JOIN = {VICUNA_V1.name: " "}
 
 
 def fact_lines(facts: Sequence[str]) -> str:
+    """`  - <fact>\\n` per fact, in the order given (what follows FACTUAL_PROMPT in the paper's form)."""
     return "".join(f"  - {fact}\n" for fact in facts)
-
-
-def fact_block(facts: Sequence[str]) -> str:
-    """FACTUAL_PROMPT then `  - <fact>\\n` per fact (in the order given)."""
-    return FACTUAL_PROMPT + fact_lines(facts)
 
 
 def request_body(form: str, facts: Sequence[str] | None = None, rng: random.Random | None = None,
