@@ -145,7 +145,7 @@ class BatchSession(ContextOwner):
                                                       n_threads=vision.options.threads, kv_type=o.kv_type, n_seq=n_seq))
         if vision.adapter:
             self.ctx.set_adapters([(vision.adapter, vision.options.adapter_scale)])
-        self._images = ImageCache(vision, o.image_cache)
+        self._images = ImageCache(vision, o.image_cache, self.ctx.pause_workers)
         self._prefix_ready = False
         self.stats = BatchStats()
 

@@ -81,7 +81,7 @@ class ChatSession(ContextOwner):
         self.turns: list[ChatTurn] = []
         self._kv: list[Hashable] = []  # what each KV position holds: token id or (image key, row)
         self._epoch = 0  # bumped whenever the KV cache is rewound: an older stream stops generating
-        self._images = ImageCache(vision, self.options.image_cache)
+        self._images = ImageCache(vision, self.options.image_cache, self.ctx.pause_workers)
         self.last_answer: Answer | None = None
 
     # -- history -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -32,10 +32,11 @@ class ChatImage:
 class ImageCache:
     """`size` embeddings kept (LRU); `encode` counts encoded vs reused images into a TurnStats."""
 
-    def __init__(self, vision: "VisionModel", size: int):
+    def __init__(self, vision: "VisionModel", size: int, before_encode: Callable[[], None] | None = None):
+        """`before_encode`: called before each encode, e.g. the session's Context.pause_workers."""
         if size < 0:
             raise ConfigError("image_cache must be >= 0")
-        self.vision, self.size = vision, size
+        self.vision, self.size, self._before_encode = vision, size, before_encode
         self._images: OrderedDict[str, ChatImage] = OrderedDict()
 
     def encode(self, source: ImageSource | ChatImage, stats: TurnStats) -> ChatImage:
@@ -49,6 +50,8 @@ class ImageCache:
             self._images.move_to_end(key)
             stats.images_reused += 1
             return self._images[key]
+        if self._before_encode is not None:
+            self._before_encode()
         start = time.perf_counter()
         image = ChatImage(key, self.vision.encoder.encode(pixels))
         stats.image_encode_s += time.perf_counter() - start

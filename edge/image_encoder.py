@@ -14,7 +14,7 @@ import numpy as np
 
 from factedge.edge.errors import InputError, NativeError
 from factedge.edge.gguf_preflight import preflight
-from factedge.edge.runtime import Model, OwnedHandle, native_log_tail, require_file
+from factedge.edge.runtime import Model, OwnedHandle, native_log_tail, require_file, usable_cpus
 
 import llama_cpp.mtmd_cpp as mtmd  # noqa: E402,I001  (bound to our libraries by edge.runtime's import)
 
@@ -33,8 +33,8 @@ class ImageEncoder(OwnedHandle):
         params.warmup = False
         if flash_attn is not None:  # None: llama.cpp decides; False for exact parity checks
             params.flash_attn_type = int(flash_attn)
-        if n_threads > 0:
-            params.n_threads = n_threads
+        # mtmd's default is 4 threads whatever the machine: on 2 CPUs that oversubscribes every barrier
+        params.n_threads = n_threads if n_threads > 0 else min(params.n_threads, usable_cpus())
         ptr = mtmd.mtmd_init_from_file(str(self.path).encode(), model_ptr, params)
         if not ptr:
             raise InputError(f"llama.cpp cannot load this mmproj with {model.path.name} ({native_log_tail()})", self.path)

@@ -40,7 +40,7 @@ _mtmd.mtmd_helper_log_set(_log_to_tail, ctypes.c_void_p(0))
 _llama.llama_backend_init()
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
@@ -228,7 +228,7 @@ class Context(OwnedHandle):
         if self.options.n_threads > 0:
             params.n_threads = params.n_threads_batch = self.options.n_threads
         else:  # llama.cpp's default (4), but never more threads than CPUs: pool workers poll
-            params.n_threads = params.n_threads_batch = min(params.n_threads, _usable_cpus())
+            params.n_threads = params.n_threads_batch = min(params.n_threads, usable_cpus())
         params.type_k = params.type_v = _KV_TYPES[self.options.kv_type]
         # one KV stream per sequence (not llama.cpp's unified pool): a sequence's cells stay in position
         # order, as in a one-sequence context, so its attention sums in the same order and gives the same
@@ -257,6 +257,12 @@ class Context(OwnedHandle):
 
     def _depends_on(self):
         return (self.model,)
+
+    def pause_workers(self) -> None:
+        """Let this context's idle thread pool sleep until its next decode (ThreadPool.pause: call it
+        before other CPU work, from the thread that decodes on this context)."""
+        self._live()
+        self._pool.pause()
 
     @property
     def ptr(self):

@@ -33,6 +33,8 @@ def _lib() -> ctypes.CDLL:
     lib.ggml_threadpool_new.restype = ctypes.c_void_p
     lib.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
     lib.ggml_threadpool_free.restype = None
+    lib.ggml_threadpool_pause.argtypes = [ctypes.c_void_p]
+    lib.ggml_threadpool_pause.restype = None
     lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.llama_attach_threadpool.restype = None
     lib.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
@@ -62,6 +64,18 @@ class ThreadPool:
     @staticmethod
     def detach(ctx_ptr) -> None:
         _lib().llama_detach_threadpool(ctx_ptr)
+
+    def pause(self) -> None:
+        """Stop the idle workers' polling until the next graph (ggml resumes a paused pool itself).
+
+        Why: after each decode the workers poll for new work for up to ~10^8 cycles (level 50); CPU
+        work done meanwhile on other threads, such as libmtmd encoding an image with its own threads,
+        then runs oversubscribed and waits out scheduler slices at every barrier (an image of the demo
+        model: 1 ms alone, 60-180 ms right after an answer). Only from the thread that decodes on
+        this pool: a pause that lands between a graph's kickoff and a worker picking it up would put
+        that worker to sleep while the graph waits for it."""
+        if self._ptr:
+            _lib().ggml_threadpool_pause(self._ptr)
 
     def close(self) -> None:
         if self._ptr:

@@ -43,6 +43,50 @@ def test_pool_gives_the_logits_and_tokens_of_per_graph_threads(model, threads):
     assert with_pool[1] == without[1] and len(with_pool[1]) == 12
 
 
+def test_a_paused_pool_wakes_for_the_next_decode_with_the_same_numbers(model):
+    """pause() between decodes (what a session does before encoding an image) changes nothing: ggml
+    resumes the pool at the next graph, and the logits and greedy tokens are bit for bit the same."""
+    from factedge.edge.runtime import Context, ContextOptions
+
+    ids = model.tokenize("USER: What shapes are there? ASSISTANT:", add_bos=True)
+    options = ContextOptions(n_ctx=256, n_threads=2)
+    with Context(model, options) as ctx:
+        straight = _run(ctx, ids)
+    with Context(model, options) as ctx:
+        ctx.pause_workers()  # before any graph, and again between them
+        logits = ctx.feed([ids], all_logits=True)
+        ctx.pause_workers()
+        ctx._pool.pause()  # twice in a row is a no-op
+        tokens = ctx.greedy([[int(np.argmax(logits[-1]))]], 12, stop_at_eog=False)
+    assert np.array_equal(logits, straight[0]) and tokens == straight[1]
+
+
+def test_sessions_pause_their_pool_before_each_image_encode(make_bundle, tiny_llava_hf, tmp_path, monkeypatch):
+    """ChatSession and BatchSession both let their own idle workers sleep before libmtmd encodes (the
+    polling workers otherwise slow every encode that follows an answer); a cached image does not."""
+    from PIL import Image
+
+    from factedge.edge.batch import BatchSession, Request
+    from factedge.edge.chat import ChatSession
+    from factedge.edge.runtime import Context
+    from factedge.edge.vision_model import ModelOptions, VisionModel
+
+    calls = []
+    real = Context.pause_workers
+    monkeypatch.setattr(Context, "pause_workers", lambda self: calls.append(self) or real(self))
+    image = tmp_path / "red.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    with VisionModel.open(make_bundle(tiny_llava_hf), quant="Q8_0", options=ModelOptions(threads=2)) as vision:
+        with ChatSession(vision) as chat:
+            chat.ask("What is it?", image)
+            chat.ask("And now?", image)  # the same picture again: from the cache, no encode
+            assert calls == [chat.ctx]
+        calls.clear()
+        with BatchSession(vision) as batch:
+            batch.answer_all([Request("What is it?", image), Request("Again?", image)])
+            assert calls == [batch.ctx]
+
+
 def test_many_contexts_open_and_close_cleanly(model):
     from factedge.edge.runtime import Context, ContextOptions
 
