@@ -12,7 +12,8 @@ accuracy, answer length, POPE F1 and yes-ratio, and the training seconds of each
 
 Methods (METHODS below, as data): the recipe's own PPO + fact RM policy, PPO + oracle, offline DPO on
 the world's fact-checked pairs, DPO with mDPO's image-conditional pairs, on-policy DPO ranked by the
-oracle or by the fact RM.
+oracle or by the fact RM, and on-policy DPO with the reference answer as the chosen side (POVID /
+HA-DPO) beside its NLL-only control.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ METHODS: dict[str, tuple[str, tuple[str, ...]] | None] = {
     "dpo_on_policy_oracle": ("dpo", (*ON_POLICY, "reward.source=oracle", "reward.oracle_score=objects",
                                      "reward.oracle_false_weight=1.0")),
     "dpo_on_policy_rm": ("dpo", ON_POLICY),
+    # POVID / HA-DPO: the reference answer ≻ the sample the fact RM ranks worst; and its control, the
+    # same run with β so small that only the NLL on the reference trains (what the pairs add beyond SFT)
+    "dpo_reference_rm": ("dpo", (*ON_POLICY, "chosen=reference")),
+    "nll_reference": ("dpo", (*ON_POLICY, "chosen=reference", "beta=0.0001")),
 }
 ROWS = [("hallucination rate", "hallucination_rate"), ("objects covered (all answers)", "coverage"),
         ("describe: hallucination rate", "describe_hallucination_rate"),

@@ -91,16 +91,25 @@ def image_conditional(pairs: Sequence[PrefPair], seed: int | str) -> list[PrefPa
 
 
 def ranked_pairs(prompts: Sequence[Sequence[int]], images: Sequence[Path], replies: Sequence[Sequence[int]],
-                 rewards: Sequence[float], group: int, min_gap: float, ids: Sequence[str]) -> list[PrefPair]:
+                 rewards: Sequence[float], group: int, min_gap: float, ids: Sequence[str],
+                 references: Sequence[Sequence[int] | None] | None = None) -> list[PrefPair]:
     """Best vs worst reply of each prompt's `group` consecutive samples (RLAIF-V's ranking), when
-    their rewards differ by at least `min_gap` and the replies differ."""
+    their rewards differ by at least `min_gap` and the replies differ. With `references` (reply ids per
+    sample, the same for a group), the group's reference ≻ its worst sample (POVID / HA-DPO) whenever
+    the two differ: the gap is not asked for, since a group whose samples all share one mistake is the
+    case the best-vs-worst ranking cannot teach."""
     out = []
     for g in range(0, len(rewards) - group + 1, group):
         idx = range(g, g + group)
         best = max(idx, key=lambda i: rewards[i])
         worst = min(idx, key=lambda i: rewards[i])
-        if rewards[best] - rewards[worst] < min_gap or list(replies[best]) == list(replies[worst]):
+        if references is not None:
+            if references[g] is None or list(references[g]) == list(replies[worst]):
+                continue
+            chosen = Side(images[g], tuple(references[g]))
+        elif rewards[best] - rewards[worst] < min_gap or list(replies[best]) == list(replies[worst]):
             continue
-        out.append(PrefPair(ids[g], tuple(prompts[g]), Side(images[best], tuple(replies[best])),
-                            Side(images[worst], tuple(replies[worst]))))
+        else:
+            chosen = Side(images[best], tuple(replies[best]))
+        out.append(PrefPair(ids[g], tuple(prompts[g]), chosen, Side(images[worst], tuple(replies[worst]))))
     return out

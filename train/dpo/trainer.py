@@ -26,7 +26,8 @@ import torch
 
 from factedge.edge.errors import ConfigError
 from factedge.train.config import OptimSettings
-from factedge.train.dpo.config import PAIR_SOURCES, DPOConfig
+from factedge.train.conversation import encode_reply
+from factedge.train.dpo.config import CHOSEN_SOURCES, PAIR_SOURCES, DPOConfig
 from factedge.train.dpo.loss import ReferenceTable, pair_step
 from factedge.train.dpo.pairs import PrefPair, image_conditional, load_preference_pairs, ranked_pairs
 from factedge.train.loop import Plan, Progress
@@ -47,6 +48,8 @@ def check(cfg: DPOConfig) -> None:
         raise ConfigError("pairs offline needs `preference` (a LLaVA-Human-Preference-10K-format file)")
     if cfg.pairs == "on_policy" and cfg.samples_per_prompt < 2:
         raise ConfigError("on_policy needs samples_per_prompt >= 2 to rank")
+    if cfg.chosen not in CHOSEN_SOURCES:
+        raise ConfigError(f"chosen must be one of {', '.join(CHOSEN_SOURCES)}, not {cfg.chosen!r}")
 
 
 def train_pairs(ac: ActorCritic, pairs: list[PrefPair], optimizer: torch.optim.Optimizer, cfg: DPOConfig,
@@ -75,8 +78,14 @@ class OnPolicyDPO:
     def update(self, ac: ActorCritic, ro: Rollout, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         cfg = self.cfg
         rewards = ro.parts.total.tolist()
+        references = None
+        if cfg.chosen == "reference":
+            model = ac.model
+            references = [None if it.reference is None else tuple(encode_reply(it.reference, model.tokenizer,
+                                                                                model.chat_format))
+                          for it in ro.items]
         pairs = ranked_pairs(ro.prompt_ids, [it.image for it in ro.items], ro.responses, rewards,
-                             cfg.samples_per_prompt, cfg.min_gap, [it.id for it in ro.items])
+                             cfg.samples_per_prompt, cfg.min_gap, [it.id for it in ro.items], references)
         n_response = len(pairs)
         if cfg.image_pairs:
             pairs += image_conditional(pairs, f"{cfg.run.seed}:{ro.items[0].id}")

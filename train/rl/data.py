@@ -29,6 +29,7 @@ class PromptItem:
     answer: str | None
     length_bonus: float  # the length term's multiplier m (default 1)
     facts: tuple[str, ...] | None  # None: plain reward prompt
+    reference: str | None = None  # the item's reference gpt turn (its second turn), for DPO's reference pairs
 
 
 def _facts_for(item: dict, table: dict[str, list[str]], path: Path | str) -> tuple[str, ...]:
@@ -38,6 +39,12 @@ def _facts_for(item: dict, table: dict[str, list[str]], path: Path | str) -> tup
         if key and key in table:
             return tuple(str(f) for f in table[key])
     raise InputError(f"no facts for item {item.get('id')!r} (image {image!r})", path)
+
+
+def _reference(turns: list) -> str | None:
+    second = turns[1] if len(turns) > 1 else None
+    ok = isinstance(second, dict) and second.get("from") == "gpt" and isinstance(second.get("value"), str)
+    return second["value"] if ok and second["value"].strip() else None
 
 
 def load_prompts(path: str | Path, *, image_folder: str | Path | None = None,
@@ -65,6 +72,7 @@ def load_prompts(path: str | Path, *, image_folder: str | Path | None = None,
                 qtype=qtype, answer=None if answer is None else str(answer),
                 length_bonus=float(item.get("length_bonus", 1.0)),
                 facts=_facts_for(item, table, facts_path) if table is not None else None,
+                reference=_reference(turns),
             ))
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
             raise InputError(f"{where}: malformed prompt item ({exc!r})", path) from exc

@@ -65,6 +65,22 @@ def test_ranked_pairs_take_best_and_worst_of_each_group(tmp_path):
     assert same == []  # identical replies: nothing to prefer
 
 
+def test_reference_pairs_prefer_the_truth_to_the_worst_sample(tmp_path):
+    """POVID / HA-DPO: the group's reference is chosen even when every sample scores alike (no gap),
+    and a group whose worst sample is the reference, or that has none, gives no pair."""
+    img = [tmp_path / f"{i}.png" for i in range(3)]
+    prompts = [[1, 5]] * 2 + [[1, 6]] * 2 + [[1, 7]] * 2
+    replies = [[7, 2], [8, 2], [9, 2], [9, 2], [4, 2], [5, 2]]
+    rewards = [0.0, -1.0, 1.0, 1.0, 0.0, 3.0]
+    refs = [(3, 2)] * 2 + [(9, 2)] * 2 + [None] * 2
+    images = [img[0]] * 2 + [img[1]] * 2 + [img[2]] * 2
+    pairs = ranked_pairs(prompts, images, replies, rewards, 2, 0.5, ["a"] * 2 + ["b"] * 2 + ["c"] * 2, refs)
+    assert [(p.id, p.chosen.reply, p.rejected.reply) for p in pairs] == [("a", (3, 2), (8, 2))]
+    assert pairs[0].chosen.image == img[0] and pairs[0].prompt == (1, 5)
+    tied = ranked_pairs(prompts[:2], images[:2], [[7, 2]] * 2, [0.0, 0.0], 2, 0.5, ["a"] * 2, refs[:2])
+    assert [(p.chosen.reply, p.rejected.reply) for p in tied] == [((3, 2), (7, 2))]  # no gap needed
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda it: it.update(preference=3), "preference must be 1 or 2"),
     (lambda it: it.update(output_1={"value": ""}), "empty or not text"),

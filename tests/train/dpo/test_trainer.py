@@ -88,6 +88,34 @@ def test_on_policy_dpo_ranks_samples_with_the_oracle(small_base, small_world, tm
     assert len(log) == 8 and len({x["id"] for x in log}) == 2
 
 
+def test_on_policy_reference_pairs_train_on_the_truth(small_base, small_world, tmp_path, monkeypatch):
+    """chosen reference: every prompt with a reference gives a pair (truth ≻ worst sample) even though
+    all samples score alike, and the chosen side is the reference turn as the SFT encoder writes it."""
+    import factedge.train.dpo.trainer as trainer
+    import factedge.train.rl.rollout as rollout
+    from factedge.train.conversation import encode_reply
+    from factedge.train.rl.data import load_prompts
+
+    monkeypatch.setattr(rollout, "oracle_scores", lambda items, texts, *scene_args: torch.zeros(len(texts)))
+    seen = []
+    real = trainer.train_pairs
+    monkeypatch.setattr(trainer, "train_pairs",
+                        lambda ac, pairs, *a, **k: seen.extend(pairs) or real(ac, pairs, *a, **k))
+    res = train_dpo(cfg_for(small_base, small_world, tmp_path / "run", "--pairs", "on_policy", "--data",
+                            str(small_world.ppo_prompts), "--reward.source", "oracle", "--reward.scenes",
+                            str(small_world.scenes), "--samples_per_prompt", "2", "--rollout.batch_size", "8",
+                            "--rollout.micro_batch_size", "8", "--rollout.max_new_tokens", "4", "--chosen",
+                            "reference", "--nll_weight", "0.5", "--max_steps", "1"))
+    assert rows(res.run_dir)[-1]["pairs"] == 4 == len(seen)  # 8 samples, 4 prompts, all tied
+    items = {it.id: it for it in load_prompts(small_world.ppo_prompts)}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_base)
+    for pair in seen:
+        assert pair.chosen.reply == tuple(encode_reply(items[pair.id].reference, tok))
+        assert len(pair.rejected.reply) <= 4 and pair.chosen.reply != pair.rejected.reply
+
+
 def test_a_bad_pairs_file_leaves_no_run_folder(small_base, small_world, tmp_path):
     from factedge.edge.errors import InputError
 
@@ -103,6 +131,7 @@ def test_a_bad_pairs_file_leaves_no_run_folder(small_base, small_world, tmp_path
     (("--beta", "0"), "beta must be positive"),
     (("--preference", ""), "needs `preference`"),
     (("--pairs", "on_policy", "--samples_per_prompt", "1"), "samples_per_prompt >= 2"),
+    (("--chosen", "truth"), "chosen must be one of"),
 ])
 def test_bad_settings_are_refused(small_base, small_world, tmp_path, args, message):
     with pytest.raises(ConfigError, match=message):
