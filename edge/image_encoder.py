@@ -14,7 +14,8 @@ import numpy as np
 
 from factedge.edge.errors import InputError, NativeError
 from factedge.edge.gguf_preflight import preflight
-from factedge.edge.runtime import Model, OwnedHandle, native_log_tail, require_file, usable_cpus
+from factedge.edge.runtime import Model, OwnedHandle, native_log_tail, require_file
+from factedge.edge.threadpool import usable_cpus
 
 import llama_cpp.mtmd_cpp as mtmd  # noqa: E402,I001  (bound to our libraries by edge.runtime's import)
 

@@ -9,7 +9,6 @@ this module (sessions, verify, the CLI) speaks numpy arrays and token ids, never
 from __future__ import annotations
 
 import ctypes
-import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 from factedge.edge.errors import ClosedError, ConfigError, InputError, NativeError
 from factedge.edge.gguf_preflight import preflight
 from factedge.edge.native import load_llama_cpp
-from factedge.edge.threadpool import ThreadPool
+from factedge.edge.threadpool import ThreadPool, usable_cpus
 
 _llama = load_llama_cpp()
 import llama_cpp.mtmd_cpp as _mtmd  # noqa: E402  (bound to our libraries by load_llama_cpp)
@@ -38,13 +37,6 @@ _llama.llama_log_set(_log_to_tail, ctypes.c_void_p(0))
 _mtmd.mtmd_log_set(_log_to_tail, ctypes.c_void_p(0))
 _mtmd.mtmd_helper_log_set(_log_to_tail, ctypes.c_void_p(0))
 _llama.llama_backend_init()
-
-
-def usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
 
 
 def native_log_tail(n: int = 8) -> str:

@@ -11,6 +11,7 @@ module does, through libllama's own handle (`native.linked_symbols`: never a sec
 from __future__ import annotations
 
 import ctypes
+import os
 from functools import lru_cache
 
 from factedge.edge.errors import ConfigError, NativeError
@@ -40,6 +41,15 @@ def _lib() -> ctypes.CDLL:
     lib.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
     lib.llama_detach_threadpool.restype = None
     return lib
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: the cap for every default thread count (more threads than
+    CPUs make polling workers and barriers wait out scheduler slices)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 class ThreadPool:
