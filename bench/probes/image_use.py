@@ -1,7 +1,7 @@
 """Is an SFT model using the image? Its answer-token loss with the right image, a shuffled one and zero
 image embeddings; equal losses mean a blind model.
 
-    python -m bench.probes.image_use <cache>/demo/recipe/recipe-<key> [--n 96]
+    python -m bench.probes.image_use <cache>/demo/recipe/recipe-<key> [--n 96] [--model OTHER_SFT] [--threads 2]
 """
 
 from __future__ import annotations
@@ -38,13 +38,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("recipe", type=Path, help="a recipe folder holding LLaVA-RLHF-shapes/ and world/")
     ap.add_argument("--n", type=int, default=96)
+    ap.add_argument("--model", type=Path, help="another SFT model on the same world (default: the recipe's)")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    model = load_for_training(args.recipe / "LLaVA-RLHF-shapes" / "sft_model").eval()
+    torch.set_num_threads(args.threads)
+    model = load_for_training(args.model or args.recipe / "LLaVA-RLHF-shapes" / "sft_model").eval()
     for split in ("world", "world/heldout"):
         items = [it for it in json.loads((args.recipe / split / "sft.json").read_text()) if it.get("image")][:args.n]
         images = [args.recipe / split / "images" / it["image"] for it in items]
-        encoded = [encode_conversation(it, model.tokenizer) for it in items]
+        encoded = [encode_conversation(it, model.tokenizer, fmt=model.chat_format) for it in items]
         shuffled = images[:]
         random.Random(0).shuffle(shuffled)
         ZEROS[:] = images
