@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from factedge.edge.errors import ConfigError
+from factedge.edge.errors import ConfigError, InputError
 from factedge.train.config import OptimSettings
 from factedge.train.conversation import encode_reply
 from factedge.train.dpo.config import CHOSEN_SOURCES, PAIR_SOURCES, DPOConfig
@@ -32,6 +33,7 @@ from factedge.train.dpo.loss import ReferenceTable, pair_step
 from factedge.train.dpo.pairs import PrefPair, image_conditional, load_preference_pairs, ranked_pairs
 from factedge.train.loop import Plan, Progress
 from factedge.train.rl.actor_critic import ActorCritic
+from factedge.train.rl.data import load_prompts
 from factedge.train.rl.loop import drive, open_session, optimise, run_rl
 from factedge.train.rl.rollout import Rollout
 from factedge.train.run_dir import RunResult
@@ -98,6 +100,10 @@ def train_dpo(cfg: DPOConfig, progress: Progress | None = None) -> RunResult:
     """Run DPO as configured (module doc); resumes from the run folder."""
     check(cfg)
     if cfg.pairs == "on_policy":
+        if cfg.chosen == "reference" and not any(it.reference for it in load_prompts(cfg.data,
+                                                                                 image_folder=cfg.image_folder)):
+            raise InputError("chosen reference needs the prompts' reference answers (a gpt turn after the human "
+                             "one); no item here has one", Path(cfg.data))
         return run_rl(cfg, OnPolicyDPO(cfg), progress)
     pairs: list[PrefPair] = []
     plan: Plan | None = None

@@ -116,6 +116,20 @@ def test_on_policy_reference_pairs_train_on_the_truth(small_base, small_world, t
         assert len(pair.rejected.reply) <= 4 and pair.chosen.reply != pair.rejected.reply
 
 
+def test_reference_pairs_without_references_are_refused_before_the_run(small_base, small_world, tmp_path):
+    from factedge.edge.errors import InputError
+
+    items = json.loads(Path(small_world.ppo_prompts).read_text())
+    bare = Path(small_world.ppo_prompts).with_name("no_reference.json")  # beside its images
+    bare.write_text(json.dumps([dict(it, conversations=it["conversations"][:1]) for it in items]))
+    with pytest.raises(InputError, match="reference answers") as err:
+        train_dpo(cfg_for(small_base, small_world, tmp_path / "run", "--pairs", "on_policy", "--data", str(bare),
+                          "--chosen", "reference", "--reward.source", "oracle", "--reward.scenes",
+                          str(small_world.scenes)))
+    assert str(err.value).startswith(str(bare)) and not (tmp_path / "run").exists()
+    bare.unlink()
+
+
 def test_a_bad_pairs_file_leaves_no_run_folder(small_base, small_world, tmp_path):
     from factedge.edge.errors import InputError
 
