@@ -14,7 +14,8 @@ import numpy as np
 
 from factedge.edge.errors import InputError, NativeError
 from factedge.edge.gguf_preflight import preflight
-from factedge.edge.runtime import Model, OwnedHandle, native_log_tail, require_file
+from factedge.edge.owned_handle import OwnedHandle
+from factedge.edge.runtime import Model, native_log_tail, require_file
 from factedge.edge.threadpool import usable_cpus
 
 import llama_cpp.mtmd_cpp as mtmd  # noqa: E402,I001  (bound to our libraries by edge.runtime's import)
@@ -39,8 +40,8 @@ class ImageEncoder(OwnedHandle):
         ptr = mtmd.mtmd_init_from_file(str(self.path).encode(), model_ptr, params)
         if not ptr:
             raise InputError(f"llama.cpp cannot load this mmproj with {model.path.name} ({native_log_tail()})", self.path)
-        self._ptr = ptr
         self.model = model
+        self._own(ptr)
 
     def _free(self) -> None:
         mtmd.mtmd_free(self._ptr)

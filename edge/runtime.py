@@ -16,9 +16,10 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from factedge.edge.errors import ClosedError, ConfigError, InputError, NativeError
+from factedge.edge.errors import ConfigError, InputError, NativeError
 from factedge.edge.gguf_preflight import preflight
 from factedge.edge.native import load_llama_cpp
+from factedge.edge.owned_handle import OwnedHandle
 from factedge.edge.threadpool import ThreadPool, usable_cpus
 
 _llama = load_llama_cpp()
@@ -51,48 +52,6 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
-class OwnedHandle:
-    """Base for objects that own one native pointer and free it exactly once; a closed one raises
-    ClosedError on use (a freed pointer handed to C would be a crash, not an error)."""
-
-    _ptr = None
-
-    def _free(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def _live(self):
-        """The native pointer, or ClosedError when this object (or what it was built on) is closed."""
-        if not self._ptr:
-            raise ClosedError(f"this {type(self).__name__} is closed")
-        for part in self._depends_on():
-            part._live()
-        return self._ptr
-
-    def _depends_on(self) -> tuple["OwnedHandle", ...]:
-        return ()
-
-    @property
-    def closed(self) -> bool:
-        return not self._ptr
-
-    def close(self) -> None:
-        if self._ptr:
-            self._free()
-            self._ptr = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except (AttributeError, TypeError):  # interpreter shutdown: the bindings may be gone
-            pass
-
-
 class Model(OwnedHandle):
     """A llama.cpp language model (GGUF), memory-mapped."""
 
@@ -106,7 +65,7 @@ class Model(OwnedHandle):
         ptr = _llama.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:
             raise InputError(f"llama.cpp cannot load this model ({native_log_tail()})", self.path)
-        self._ptr = ptr
+        self._own(ptr)
         self.vocab = _llama.llama_model_get_vocab(ptr)
         self.n_embd = _llama.llama_model_n_embd(ptr)
         self.n_vocab = _llama.llama_vocab_n_tokens(self.vocab)
@@ -160,7 +119,7 @@ class LoraAdapter(OwnedHandle):
         ptr = _llama.llama_adapter_lora_init(model.ptr, str(self.path).encode())
         if not ptr:
             raise InputError(f"llama.cpp rejects this adapter for {model.path.name} ({native_log_tail()})", self.path)
-        self._ptr = ptr
+        self._own(ptr)
 
     def _free(self) -> None:
         _llama.llama_adapter_lora_free(self._ptr)
@@ -235,7 +194,8 @@ class Context(OwnedHandle):
         if not ptr:
             pool.close()
             raise NativeError(f"cannot create a llama.cpp context ({native_log_tail()})", model.path)
-        self._ptr, self._pool = ptr, pool
+        self._pool = pool
+        self._own(ptr)
         pool.attach(ptr)
         self.n_past = 0
         self._one = None  # the 1-token batch `step` reuses for every generated token
