@@ -9,19 +9,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
+def factedge_shim(tree: Path) -> Path:
+    """A fresh folder holding `factedge/`: symlinks to `tree`'s edge/, convert/, train/ (what the dev
+    shim does); put it first on sys.path to import factedge from that tree."""
+    import tempfile
+
+    shim = Path(tempfile.mkdtemp(prefix="fe_shim_")) / "factedge"
+    shim.mkdir()
+    for wing in ("edge", "convert", "train"):
+        (shim / wing).symlink_to(Path(tree) / wing, target_is_directory=True)
+    return shim.parent
+
+
 def ensure_factedge() -> None:
-    """Import factedge from this checkout when it is not installed (a bare GPU machine): a namespace
-    folder of symlinks to edge/, convert/, train/ on sys.path (what the dev shim does)."""
+    """Import factedge from this checkout when it is not installed (a bare GPU machine)."""
     try:
         import factedge.train  # noqa: F401
     except ImportError:
-        import tempfile
-
-        shim = Path(tempfile.mkdtemp(prefix="fe_shim_")) / "factedge"
-        shim.mkdir()
-        for wing in ("edge", "convert", "train"):
-            (shim / wing).symlink_to(ROOT / wing, target_is_directory=True)
-        sys.path.insert(0, str(shim.parent))
+        sys.path.insert(0, str(factedge_shim(ROOT)))
 
 
 def print_figures(results: dict[str, dict], rows: list[tuple[str, str]]) -> None:

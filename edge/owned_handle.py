@@ -28,15 +28,11 @@ class OwnedHandle:
     def _own(self, ptr) -> None:
         """Take `ptr` (once the parts of `_depends_on` are set) and register with those parts."""
         self._ptr = ptr
+        self._dependents: weakref.WeakSet = weakref.WeakSet()
+        self._open_dependents = 0
         for part in self._depends_on():
-            part._register(self)
-
-    def _register(self, dependent: "OwnedHandle") -> None:
-        if "_dependents" not in self.__dict__:
-            self._dependents: weakref.WeakSet = weakref.WeakSet()
-            self._open_dependents = 0
-        self._dependents.add(dependent)
-        self._open_dependents += 1
+            part._dependents.add(self)
+            part._open_dependents += 1
 
     def _release(self) -> None:
         """A dependent was freed: free this part too if it was closed meanwhile."""
@@ -64,9 +60,9 @@ class OwnedHandle:
     def close(self) -> None:
         if not self._ptr:
             return
-        for dependent in list(self.__dict__.get("_dependents", ())):
+        for dependent in list(self._dependents):
             dependent.close()
-        if self.__dict__.get("_open_dependents", 0) > 0:  # one the collector is about to finalize
+        if self._open_dependents > 0:  # one the collector is about to finalize
             self._ptr, self._held = None, self._ptr
             return
         self._free()

@@ -23,15 +23,13 @@ from bench.common import ROOT
 
 # runs inside the subprocess: import factedge from the tree given, not from this checkout's install
 CHILD = r"""
-import json, sys, tempfile, time
+import json, sys, time
 from pathlib import Path
-tree, bundle, pope = (Path(a) for a in sys.argv[1:4])
-quant, threads = sys.argv[4], int(sys.argv[5])
-shim = Path(tempfile.mkdtemp(prefix="fe_tree_")) / "factedge"
-shim.mkdir()
-for wing in ("edge", "convert", "train"):
-    (shim / wing).symlink_to(tree / wing, target_is_directory=True)
-sys.path.insert(0, str(shim.parent))
+tree, bundle, pope, root = (Path(a) for a in sys.argv[1:5])
+quant, threads = sys.argv[5], int(sys.argv[6])
+sys.path.insert(0, str(root))
+from bench.common import factedge_shim
+sys.path.insert(0, str(factedge_shim(tree)))
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]  # an editable install's finder
 import factedge.edge
 assert Path(factedge.edge.__file__).resolve().is_relative_to(tree.resolve()), factedge.edge.__file__
@@ -60,8 +58,8 @@ def worktree(commit: str) -> Path:
 
 
 def answer(tree: Path, args) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(args.bundle), str(args.pope), args.quant,
-                          str(args.threads)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(args.bundle), str(args.pope), str(ROOT),
+                          args.quant, str(args.threads)], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{tree}: exit {out.returncode}: {out.stderr.strip()[-400:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -56,6 +56,6 @@ def test_a_reference_cycle_frees_the_dependent_first_in_either_finalizer_order(f
     enc.cycle = enc
     order = [model, enc] if first == "model" else [enc, model]
     for h in order:  # what the collector does: weak references gone, then finalizers in its order
-        h.__dict__.get("_dependents", set()).clear()
+        h._dependents.clear()
         h.__del__()
     assert FREED == ["enc", "model"]
